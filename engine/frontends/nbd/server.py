@@ -1,0 +1,796 @@
+"""The NBD server: the live volume and every past point in time as NBD exports.
+
+One asyncio event loop (in a daemon thread, or the caller's loop via `serve_forever`) serves any
+number of clients. Speed comes from doing per batch what others do per request (PERFORMANCE.md):
+bytes arrive with `recv_into` straight into a per-connection buffer, every complete request in it
+is parsed, consecutive write-type requests become ONE `store.live.write_many` call fed with
+memoryviews of that buffer (no copies), and all replies leave with one `writev`.
+
+Nothing a client sends is trusted: option and request lengths are capped before anything is
+allocated, offsets are checked against the export's size, export names are parsed and resolved
+through the engine, and a bad magic number drops the connection. Engine failures become NBD
+errors on the request (corruption -> EIO, read-only -> EPERM, journal full -> ENOSPC); no exception
+reaches the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as _errno
+import logging
+import os
+import shutil
+import socket
+import stat
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from rewind.engine.errors import BadInput, CorruptionError, NoSpace, ReadOnlyError
+
+from . import protocol as P
+
+log = logging.getLogger("rewind.nbd")
+
+_HDR = P.S_REQUEST.size  # 28
+_REPLY = P.S_SIMPLE_REPLY
+_INITIAL_BUF = 4 * 1024 * 1024  # per-connection receive buffer; grows to fit the largest request
+_MIN_FREE = 256 * 1024  # keep at least this much room for recv_into
+_CHEAP_MOVE = 64 * 1024  # move a partial request this small to the front rather than recv dribbles
+_IOV_MAX = 1024
+_MAX_OPTIONS = 10_000  # a handshake that never ends is a client bug (or an attack)
+_BUF_SOCK = 4 * 1024 * 1024  # socket buffers: fewer syscalls for 1 MiB requests
+
+LIVE_FLAGS = (P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_SEND_FUA | P.TF_SEND_TRIM
+              | P.TF_SEND_WRITE_ZEROES | P.TF_CAN_MULTI_CONN)
+PAST_FLAGS = P.TF_HAS_FLAGS | P.TF_READ_ONLY | P.TF_CAN_MULTI_CONN
+
+WriteReq = tuple[str, int, "bytes | memoryview | int"]
+
+
+# --- what the server needs from the engine (docs/engine-api.md) --------------------------------
+class Readable(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    def read(self, off: int, n: int, /) -> bytes: ...
+
+
+class LiveVolume(Readable, Protocol):
+    def write_many(self, reqs: list[WriteReq], fua: bool = False) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class StoreLike(Protocol):
+    @property
+    def live(self) -> LiveVolume: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    def at(self, point: str | int) -> Readable: ...
+
+    def marks(self) -> Sequence[Any]: ...
+
+
+class UnknownExport(Exception):
+    """OPT_GO/OPT_INFO named an export we do not have (reply NBD_REP_ERR_UNKNOWN with the message)."""
+
+
+class Export:
+    """What one connection reads and writes after OPT_GO: the live volume or a past point."""
+
+    __slots__ = ("name", "vol", "live", "readonly", "size", "flags", "description")
+
+    def __init__(self, name: str, vol: Readable, live: LiveVolume | None, description: str) -> None:
+        self.name = name
+        self.vol = vol
+        self.live = live
+        self.readonly = live is None
+        self.size = int(vol.size)
+        self.flags = PAST_FLAGS if live is None else LIVE_FLAGS
+        self.description = description
+
+
+def open_export(store: StoreLike, name: str) -> Export:
+    """Resolve an export name: "" is the live volume, "at=POINT" the read-only volume at POINT."""
+    if name == "":
+        return Export(name, store.live, store.live, "live volume (read-write)")
+    if name.startswith("at="):
+        point = name[3:]
+        if not point:
+            raise UnknownExport('empty point in export name: use "at=POINT", e.g. at=mark:NAME or at=seq:N')
+        try:
+            view = store.at(point)
+        except BadInput as e:  # PointError included
+            raise UnknownExport(f"no point {point!r}: {e}") from e
+        seq = getattr(view, "seq", None)
+        return Export(name, view, None, f"volume at {point} (seq {seq}, read-only)")
+    raise UnknownExport(f'no export {name!r}: use "" for the live volume or "at=POINT" for a past point')
+
+
+def errno_for(exc: BaseException) -> int:
+    """The NBD error for an engine exception; unexpected ones are logged (the server lives on)."""
+    if isinstance(exc, CorruptionError):
+        log.error("NBD request hit corruption: %s", exc)
+        return P.EIO
+    if isinstance(exc, ReadOnlyError):
+        return P.EPERM
+    if isinstance(exc, NoSpace):
+        log.warning("NBD write refused: %s", exc)
+        return P.ENOSPC
+    if isinstance(exc, BadInput):
+        return P.EINVAL
+    if isinstance(exc, OSError) and exc.errno == _errno.ENOSPC:
+        log.warning("NBD write failed: %s", exc)
+        return P.ENOSPC
+    log.error("NBD request failed: %r", exc, exc_info=exc)
+    return P.EIO
+
+
+# --- one connection ----------------------------------------------------------------------------
+_ST_FLAGS, _ST_OPTIONS, _ST_TRANSMIT, _ST_CLOSED = range(4)
+_KIND = {P.CMD_WRITE: "write", P.CMD_WRITE_ZEROES: "zero", P.CMD_TRIM: "trim"}
+_OK_FLAGS = {
+    P.CMD_READ: P.CMD_FLAG_FUA | P.CMD_FLAG_DF,
+    P.CMD_WRITE: P.CMD_FLAG_FUA,
+    P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE,
+    P.CMD_TRIM: P.CMD_FLAG_FUA,
+    P.CMD_FLUSH: 0,
+    P.CMD_DISC: 0,
+}
+
+
+class NbdConnection(asyncio.BufferedProtocol):
+    """The handshake and transmission phases of one client, driven by received bytes."""
+
+    def __init__(self, store: StoreLike, conns: set[NbdConnection]) -> None:
+        self.store = store
+        self.conns = conns
+        self.export: Export | None = None
+        self.transport: asyncio.Transport | None = None
+        self._fd = -1
+        self._state = _ST_FLAGS
+        self._no_zeroes = False
+        self._options = 0
+        self._buf = bytearray(_INITIAL_BUF)
+        self._mv = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._need = 4  # bytes from _start the next item needs (sizes the buffer)
+        self._skip = 0  # payload bytes still to discard (oversized write/option)
+        self._out: list[bytes | memoryview] = []
+        self._pending: list[WriteReq] = []
+        self._pending_cookies: list[int] = []
+        self._pending_fua = False
+        self.peer = "?"
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.conns.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._fd = sock.fileno()
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, _BUF_SOCK)
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        log.debug("NBD client connected: %s", self.peer)
+        self._out.append(P.S_HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
+        self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state = _ST_CLOSED
+        self.conns.discard(self)
+        self.export = None
+        log.debug("NBD client gone: %s (%s)", self.peer, exc)
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop taking new requests until it does.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        start, end = self._start, self._end
+        if start == end:
+            self._start = self._end = start = end = 0
+        cap = len(self._buf)
+        need = max(self._need, _HDR)
+        if start + need > cap or (cap - end < _MIN_FREE and end - start <= _CHEAP_MOVE):
+            self._make_room(need)
+        return self._mv[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        try:
+            self._process()
+        except Exception as e:  # a bug here must cost one connection, never the server
+            log.error("NBD connection %s failed: %r", self.peer, e, exc_info=e)
+            self._abort()
+            return
+        self._send()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    # buffer management
+    def _make_room(self, need: int) -> None:
+        """Move the unparsed bytes to the front, growing the buffer if the next item needs it."""
+        start, end = self._start, self._end
+        n = end - start
+        cap = len(self._buf)
+        want = max(need, n) + _MIN_FREE
+        if want > cap or start < n:  # grow, or the move would overlap: copy into a new buffer
+            new = bytearray(max(cap, want))
+            new[:n] = self._mv[start:end]
+            self._buf = new
+            self._mv = memoryview(new)
+        else:
+            self._buf[:n] = self._mv[start:end]
+        self._start, self._end = 0, n
+
+    # protocol
+    def _process(self) -> None:
+        while self._state != _ST_CLOSED:
+            if self._skip:
+                k = min(self._skip, self._end - self._start)
+                self._start += k
+                self._skip -= k
+                if self._skip:
+                    self._need = 0
+                    return
+            if self._state == _ST_TRANSMIT:
+                self._transmit()
+                return
+            if self._state == _ST_FLAGS:
+                if self._end - self._start < 4:
+                    self._need = 4
+                    return
+                (flags,) = P.S_CLIENT_FLAGS.unpack_from(self._buf, self._start)
+                self._start += 4
+                if flags & ~P.CLIENT_FLAGS_KNOWN:
+                    log.info("NBD client %s sent unknown flags %#x: dropped", self.peer, flags)
+                    self._abort()
+                    return
+                self._no_zeroes = bool(flags & P.FLAG_NO_ZEROES)
+                self._state = _ST_OPTIONS
+            elif self._state == _ST_OPTIONS:
+                if not self._option():
+                    return
+
+    def _option(self) -> bool:
+        """Handle one option if it is complete; False when more bytes are needed or we closed."""
+        avail = self._end - self._start
+        if avail < P.S_OPTION.size:
+            self._need = P.S_OPTION.size
+            return False
+        magic, opt, length = P.S_OPTION.unpack_from(self._buf, self._start)
+        if magic != P.IHAVEOPT:
+            log.info("NBD client %s: bad option magic %#x: dropped", self.peer, magic)
+            self._abort()
+            return False
+        self._options += 1
+        if self._options > _MAX_OPTIONS:
+            self._abort()
+            return False
+        if length > P.MAX_OPTION_LEN:
+            if opt == P.OPT_EXPORT_NAME:  # no way to say no to EXPORT_NAME but hanging up
+                self._abort()
+                return False
+            self._start += P.S_OPTION.size
+            self._skip = length
+            self._opt_reply(opt, P.REP_ERR_TOO_BIG, f"option data over {P.MAX_OPTION_LEN} bytes".encode())
+            return True
+        total = P.S_OPTION.size + length
+        if avail < total:
+            self._need = total
+            return False
+        data = bytes(self._mv[self._start + P.S_OPTION.size : self._start + total])
+        self._start += total
+        self._need = P.S_OPTION.size
+        self._handle_option(opt, data)
+        return self._state != _ST_CLOSED
+
+    def _opt_reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
+        self._out.append(P.S_OPT_REPLY.pack(P.OPT_REPLY_MAGIC, opt, rtype, len(data)))
+        if data:
+            self._out.append(data)
+
+    def _handle_option(self, opt: int, data: bytes) -> None:
+        if opt == P.OPT_EXPORT_NAME:
+            try:
+                ex = open_export(self.store, data.decode("utf-8"))
+            except (UnicodeDecodeError, UnknownExport) as e:
+                log.info("NBD client %s: EXPORT_NAME refused: %s", self.peer, e)
+                self._abort()
+                return
+            except Exception as e:
+                errno_for(e)
+                self._abort()
+                return
+            self._out.append(P.S_EXPORT_NAME_REPLY.pack(ex.size, ex.flags))
+            if not self._no_zeroes:
+                self._out.append(bytes(124))
+            self._enter_transmission(ex)
+        elif opt == P.OPT_ABORT:
+            self._opt_reply(opt, P.REP_ACK)
+            self._close_after_send()
+        elif opt == P.OPT_LIST:
+            if data:
+                self._opt_reply(opt, P.REP_ERR_INVALID, b"OPT_LIST takes no data")
+                return
+            for name, desc in self._list_exports():
+                raw = name.encode()
+                self._opt_reply(opt, P.REP_SERVER, struct.pack(">I", len(raw)) + raw + desc.encode())
+            self._opt_reply(opt, P.REP_ACK)
+        elif opt in (P.OPT_GO, P.OPT_INFO):
+            self._go_or_info(opt, data)
+        else:
+            name = P.OPTION_NAMES.get(opt, str(opt))
+            self._opt_reply(opt, P.REP_ERR_UNSUP, f"option {name} not supported".encode())
+
+    def _list_exports(self) -> list[tuple[str, str]]:
+        out = [("", "live volume (read-write)")]
+        try:
+            for m in self.store.marks():
+                out.append((f"at=mark:{m.name}", f"mark {m.name} (seq {m.seq}, read-only)"))
+        except Exception as e:
+            errno_for(e)
+        return out
+
+    def _go_or_info(self, opt: int, data: bytes) -> None:
+        if len(data) < 6:
+            self._opt_reply(opt, P.REP_ERR_INVALID, b"option data too short")
+            return
+        (nlen,) = struct.unpack_from(">I", data)
+        if nlen > P.MAX_NAME_LEN or 4 + nlen + 2 > len(data):
+            self._opt_reply(opt, P.REP_ERR_INVALID, b"bad export name length")
+            return
+        (ninfo,) = struct.unpack_from(">H", data, 4 + nlen)
+        if 4 + nlen + 2 + 2 * ninfo != len(data):
+            self._opt_reply(opt, P.REP_ERR_INVALID, b"bad information request count")
+            return
+        infos = set(struct.unpack_from(f">{ninfo}H", data, 6 + nlen))
+        try:
+            name = data[4 : 4 + nlen].decode("utf-8")
+            ex = open_export(self.store, name)
+        except UnicodeDecodeError:
+            self._opt_reply(opt, P.REP_ERR_INVALID, b"export name is not UTF-8")
+            return
+        except UnknownExport as e:
+            self._opt_reply(opt, P.REP_ERR_UNKNOWN, str(e).encode()[:4096])
+            return
+        except Exception as e:
+            errno_for(e)
+            self._opt_reply(opt, P.REP_ERR_PLATFORM, f"cannot open export: {e}".encode()[:4096])
+            return
+        self._opt_reply(opt, P.REP_INFO, P.S_INFO_EXPORT.pack(P.INFO_EXPORT, ex.size, ex.flags))
+        bs = max(1, min(int(self.store.block_size), P.MAX_PAYLOAD))
+        self._opt_reply(opt, P.REP_INFO, P.S_INFO_BLOCK_SIZE.pack(P.INFO_BLOCK_SIZE, 1, bs, P.MAX_PAYLOAD))
+        if P.INFO_NAME in infos:
+            self._opt_reply(opt, P.REP_INFO, struct.pack(">H", P.INFO_NAME) + name.encode())
+        if P.INFO_DESCRIPTION in infos:
+            self._opt_reply(opt, P.REP_INFO, struct.pack(">H", P.INFO_DESCRIPTION) + ex.description.encode())
+        self._opt_reply(opt, P.REP_ACK)
+        if opt == P.OPT_GO:
+            self._enter_transmission(ex)
+
+    def _enter_transmission(self, ex: Export) -> None:
+        self.export = ex
+        self._state = _ST_TRANSMIT
+        self._need = _HDR
+        log.debug("NBD client %s: export %r (%d bytes)", self.peer, ex.name, ex.size)
+
+    def _transmit(self) -> None:
+        """Handle every complete request in the buffer; write-type runs go down as one batch."""
+        ex = self.export
+        assert ex is not None
+        buf, mv, out = self._buf, self._mv, self._out
+        unpack, pack = P.S_REQUEST.unpack_from, _REPLY.pack
+        size = ex.size
+        pending = self._pending
+        while True:
+            start = self._start
+            avail = self._end - start
+            if avail < _HDR:
+                self._need = _HDR
+                break
+            magic, flags, cmd, cookie, off, length = unpack(buf, start)
+            if magic != P.REQUEST_MAGIC:
+                log.info("NBD client %s: bad request magic %#x: dropped", self.peer, magic)
+                self._apply_pending()
+                self._close_after_send()
+                return
+            err = 0
+            if cmd == P.CMD_WRITE:
+                if length > P.MAX_PAYLOAD:  # do not buffer it: discard as it arrives
+                    self._start = start + _HDR
+                    self._skip = length
+                    out.append(pack(P.SIMPLE_REPLY_MAGIC, P.EOVERFLOW, cookie))
+                    k = min(length, self._end - self._start)
+                    self._start += k
+                    self._skip -= k
+                    if self._skip:
+                        self._need = 0
+                        break
+                    continue
+                total = _HDR + length
+                if avail < total:
+                    self._need = total
+                    break
+                self._start = start + total
+                data = mv[start + _HDR : start + total]
+            else:
+                self._start = start + _HDR
+                data = None
+            ok_flags = _OK_FLAGS.get(cmd)
+            if ok_flags is None:
+                err = P.EINVAL
+            elif flags & ~ok_flags:
+                err = P.EINVAL
+            elif cmd in _KIND:
+                if ex.readonly:
+                    err = P.EPERM
+                elif off + length > size:
+                    err = P.EINVAL if cmd == P.CMD_TRIM else P.ENOSPC
+                elif length:
+                    kind = _KIND[cmd]
+                    pending.append((kind, off, data if data is not None else length))
+                    self._pending_cookies.append(cookie)
+                    if flags & P.CMD_FLAG_FUA:
+                        self._pending_fua = True
+                    continue
+            elif cmd == P.CMD_READ:
+                if length > P.MAX_PAYLOAD:
+                    err = P.EOVERFLOW
+                elif off + length > size:
+                    err = P.EINVAL
+                else:
+                    if pending:
+                        self._apply_pending()
+                    try:
+                        got = ex.vol.read(off, length) if length else b""
+                    except Exception as e:
+                        err = errno_for(e)
+                    else:
+                        if len(got) != length:
+                            log.error("engine read returned %d bytes for %d at %d", len(got), length, off)
+                            err = P.EIO
+                        else:
+                            out.append(pack(P.SIMPLE_REPLY_MAGIC, 0, cookie))
+                            out.append(got)
+                            continue
+            elif cmd == P.CMD_FLUSH:
+                if pending:
+                    self._apply_pending()
+                if ex.live is not None:
+                    try:
+                        ex.live.flush()
+                    except Exception as e:
+                        err = errno_for(e)
+            elif cmd == P.CMD_DISC:
+                self._apply_pending()
+                self._close_after_send()
+                return
+            out.append(pack(P.SIMPLE_REPLY_MAGIC, err, cookie))
+        if pending:
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        """One write_many for the queued write/zero/trim requests, then their replies."""
+        reqs, cookies = self._pending, self._pending_cookies
+        if not reqs:
+            return
+        ex = self.export
+        assert ex is not None and ex.live is not None
+        err = 0
+        try:
+            ex.live.write_many(reqs, fua=self._pending_fua)
+        except Exception as e:
+            err = errno_for(e)
+        pack, magic = _REPLY.pack, P.SIMPLE_REPLY_MAGIC
+        self._out.extend([pack(magic, err, c) for c in cookies])
+        reqs.clear()
+        cookies.clear()
+        self._pending_fua = False
+
+    # output
+    def _send(self) -> None:
+        """Send queued replies: one writev straight to the socket when its queue is empty."""
+        parts = self._out
+        if not parts:
+            return
+        self._out = []
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if self._fd >= 0 and t.get_write_buffer_size() == 0:
+            i = 0
+            while i < len(parts):
+                chunk = parts[i : i + _IOV_MAX]
+                try:
+                    n = os.writev(self._fd, chunk)
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    break  # let the transport see and report the error below
+                want = sum(len(p) for p in chunk)
+                if n == want:
+                    i += len(chunk)
+                    continue
+                # partial: hand the rest to the transport, which waits for the socket to drain
+                j = i
+                for p in chunk:
+                    if n >= len(p):
+                        n -= len(p)
+                        j += 1
+                        continue
+                    t.write(memoryview(p)[n:] if n else p)
+                    j += 1
+                    break
+                for p in parts[j:]:
+                    t.write(p)
+                return
+            if i >= len(parts):
+                return
+            parts = parts[i:]
+        for p in parts:
+            t.write(p)
+        if self._state == _ST_CLOSED:
+            t.close()
+
+    def _close_after_send(self) -> None:
+        self._state = _ST_CLOSED
+        self._send()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _abort(self) -> None:
+        self._state = _ST_CLOSED
+        self._out = []
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Server shutdown: finish what is queued, then hang up."""
+        if self._state != _ST_CLOSED:
+            with contextlib.suppress(Exception):
+                if self._pending:
+                    self._apply_pending()
+                    self._send()
+            self._state = _ST_CLOSED
+        if self.transport is not None:
+            self.transport.close()
+
+
+# --- the server --------------------------------------------------------------------------------
+def parse_address(address: str) -> tuple[str, str, int]:
+    """("unix", PATH, 0) or ("tcp", HOST, PORT); an empty unix PATH means a private directory."""
+    if address == "unix" or address.startswith("unix:"):
+        return "unix", address[5:], 0
+    if address.startswith("tcp:"):
+        rest = address[4:]
+        host, sep, port_s = rest.rpartition(":")
+        if not sep:
+            host, port_s = "", rest
+        host = host.strip("[]") or "localhost"
+        try:
+            port = int(port_s)
+        except ValueError:
+            raise BadInput(f"bad NBD address {address!r}: the port must be a number (tcp:HOST:PORT)") from None
+        if not 0 <= port <= 65535:
+            raise BadInput(f"bad NBD address {address!r}: port out of range 0-65535")
+        return "tcp", host, port
+    raise BadInput(f"bad NBD address {address!r}: use unix:PATH or tcp:HOST:PORT")
+
+
+def _bind_unix(path: str) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600 from the start (umask around bind)."""
+    if os.path.lexists(path):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise BadInput(f"{path} exists and is not a socket: choose another --nbd path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale socket from a server that died
+        else:
+            raise BadInput(f"{path}: another server is listening there: choose another --nbd path")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise BadInput(f"cannot listen on unix:{path}: {e.strerror}") from e
+    return sock
+
+
+class NbdServer:
+    """Serves `store` over NBD at `address` ("unix:PATH", "unix:" for a private path, "tcp:HOST:PORT").
+
+    `start()` runs it in a daemon thread with its own event loop; `stop()` hangs up on every client
+    and flushes the live volume. Inside an existing event loop use `await serve_forever()` instead.
+    """
+
+    def __init__(self, store: StoreLike, address: str = "unix:") -> None:
+        self.store = store
+        self._kind, self._host, self._port = parse_address(address)
+        self._path = self._host if self._kind == "unix" else ""
+        self._private_dir: str | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._conns: set[NbdConnection] = set()
+        self._stopped = False
+
+    # addresses
+    @property
+    def address(self) -> str:
+        if self._kind == "unix":
+            return f"unix:{self._path}"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"tcp:{host}:{self._port}"
+
+    @property
+    def uri(self) -> str:
+        """A libnbd URI for the live export (append an export name for a past point)."""
+        return self.uri_for("")
+
+    def uri_for(self, export: str = "") -> str:
+        """The libnbd URI of `export` ("" or "at=POINT"), e.g. for qemu-io, nbdinfo, fio."""
+        from urllib.parse import quote
+
+        name = quote(export, safe="=:")
+        if self._kind == "unix":
+            return f"nbd+unix:///{name}?socket={self._path}"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"nbd://{host}:{self._port}/{name}"
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    # lifecycle
+    async def listen(self) -> None:
+        """Bind and start accepting in the running loop."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+
+        def factory() -> NbdConnection:
+            return NbdConnection(self.store, self._conns)
+
+        if self._kind == "unix":
+            if not self._path:
+                self._private_dir = tempfile.mkdtemp(prefix="rewind-nbd-")  # mode 0700
+                self._path = os.path.join(self._private_dir, "nbd.sock")
+            sock = _bind_unix(self._path)
+            self._server = await loop.create_unix_server(factory, sock=sock)
+        else:
+            try:
+                self._server = await loop.create_server(factory, self._host, self._port, reuse_address=True)
+            except OSError as e:
+                raise BadInput(f"cannot listen on {self.address}: {e.strerror}") from e
+            if self._port == 0:
+                self._port = int(self._server.sockets[0].getsockname()[1])
+
+    async def serve_forever(self) -> None:
+        """Listen and serve until cancelled; then hang up on clients and flush."""
+        if self._server is None:
+            await self.listen()
+        assert self._server is not None
+        try:
+            await self._server.serve_forever()
+        finally:
+            self._close_all()
+            self._cleanup_path()
+            await asyncio.get_running_loop().run_in_executor(None, self.store.live.flush)
+
+    def start(self) -> NbdServer:
+        """Serve from a daemon thread; returns once the socket is listening (or raises why not)."""
+        if self._thread is not None:
+            raise RuntimeError("NbdServer already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.listen())
+            except BaseException as e:
+                failure.append(e)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                self._close_all()
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(asyncio.sleep(0.05))  # let transports finish closing
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="rewind-nbd", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        """Close the listener and every connection, then flush the live volume. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        loop, thread = self._loop, self._thread
+        if thread is not None and loop is not None and not loop.is_closed():
+            def halt() -> None:
+                self._close_all()
+                loop.stop()
+
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(halt)
+            thread.join(timeout=30)
+        self._cleanup_path()
+        self.store.live.flush()
+
+    def __enter__(self) -> NbdServer:
+        if self._thread is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _close_all(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for c in list(self._conns):
+            c.close()
+
+    def _cleanup_path(self) -> None:
+        if self._kind != "unix" or not self._path:
+            return
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(self._path).st_mode):
+                os.unlink(self._path)
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
+
+
+def serve(store: StoreLike, address: str = "unix:", on_ready: Callable[[NbdServer], None] | None = None) -> None:
+    """Run an NBD server in the calling thread until KeyboardInterrupt (for scripts and tools)."""
+    srv = NbdServer(store, address)
+
+    async def main() -> None:
+        await srv.listen()
+        if on_ready is not None:
+            on_ready(srv)
+        await srv.serve_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
