@@ -228,6 +228,7 @@ def open_store(path: str, allow_remote: bool = True) -> Iterator[Any]:
     d = _store_dir(path)
     try:
         store = _open_local(d)
+        _report_recovery(store)
     except StoreLocked:
         if not allow_remote:
             raise
@@ -238,6 +239,12 @@ def open_store(path: str, allow_remote: bool = True) -> Iterator[Any]:
         yield store
     finally:
         store.close()
+
+
+def _report_recovery(store: Any) -> None:
+    """Say what opening the store repaired (a torn journal tail cut, writes re-applied)."""
+    for note in getattr(store, "recovery", None) or []:
+        _err(f"note: {note}")
 
 
 def _fmt_time(ns: Any) -> str:
@@ -325,22 +332,27 @@ def format_log(info: dict[str, Any]) -> list[str]:
     def size_fmt(v: Any) -> str:
         return f"{human_bytes(v)} ({v} bytes)" if isinstance(v, int) else str(v)
 
-    field("store", "dir")
+    field("store", "store")
     field("primary", "primary")
-    field("primary", "primary_path")
     field("size", "size", size_fmt)
     field("block size", "block_size")
+    field("mode", "mode")
     field("records", "records")
+    field("versions", "versions")
     field("journal", "journal_bytes", size_fmt)
+    field("segments", "segments")
     field("maps on disk", "maps_bytes", size_fmt)
-    for key, label in (("horizon", "horizon"), ("head", "head")):
+    for key in ("horizon", "head"):
         if key in info:
             shown.add(key)
             v = info[key]
             seq = _get(v, "seq", v if isinstance(v, int) else None)
-            t = _get(v, "time_ns", info.get(f"{key}_time_ns"))
-            shown.add(f"{key}_time_ns")
-            lines.append(f"{label + ':':<15}seq {seq}  {_fmt_time(t)}")
+            lines.append(f"{key + ':':<15}seq {seq}  {_fmt_time(_get(v, 'time_ns'))}")
+    recovery = info.get("recovery")
+    shown.add("recovery")
+    if isinstance(recovery, list):
+        for note in recovery:
+            lines.append(f"{'recovered:':<15}{note}")
     marks = info.get("marks")
     maps = info.get("maps")
     shown.update({"marks", "maps"})
@@ -414,6 +426,7 @@ def cmd_rewind(args: argparse.Namespace) -> int:
         store = _open_local(d)
     except StoreLocked:
         raise BadInput(f"{args.dir} is being served: stop 'rewind serve' first, then rewind") from None
+    _report_recovery(store)
     with store:
         seq = store.resolve(args.at)
         head = store.resolve("now")
@@ -528,6 +541,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     started: list[Any] = []
     store = Store.open(d)
+    _report_recovery(store)
     try:
         addresses = args.nbd or [f"unix:{os.path.abspath(d / 'nbd.sock')}"]
         uris: list[str] = []

@@ -1,0 +1,1 @@
+"""The journal: append-only segment files holding every write in the order it was applied."""

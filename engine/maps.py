@@ -1,0 +1,223 @@
+"""Delta maps in SQLite (apsw, WAL): the index over the journal.
+
+`versions` holds, per block, every version kept and where it lies in the journal; `maps` cuts the
+sequence of records into stretches of time (the delta maps of the seed: each one knows which
+blocks changed between its two points). The journal is the truth; everything here can be rebuilt
+from it, and `meta.indexed_*` says how far the index has got.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+SCHEMA_VERSION = 1
+
+SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions(
+    block INTEGER NOT NULL, seq INTEGER NOT NULL, loc INTEGER NOT NULL, crc INTEGER NOT NULL,
+    PRIMARY KEY(block, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records(
+    seq INTEGER PRIMARY KEY, time INTEGER NOT NULL, kind INTEGER NOT NULL,
+    block INTEGER NOT NULL, count INTEGER NOT NULL, map_id INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS records_time ON records(time);
+CREATE TABLE IF NOT EXISTS maps(
+    id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    first_time INTEGER NOT NULL, last_time INTEGER NOT NULL, kind TEXT NOT NULL,
+    entries INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS marks(
+    name TEXT PRIMARY KEY, seq INTEGER NOT NULL, time INTEGER NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS stats(
+    t INTEGER PRIMARY KEY, writes INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    journal_bytes INTEGER NOT NULL);
+"""
+
+# Migrations: MIGRATIONS[n] takes a database at user_version n to n + 1.
+MIGRATIONS: dict[int, str] = {0: SCHEMA_V1}
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """One delta map: the stretch of records it covers and how many block versions it indexes."""
+
+    id: int
+    first_seq: int
+    last_seq: int
+    first_time: int
+    last_time: int
+    kind: str
+    entries: int
+
+
+@dataclass(frozen=True)
+class Mark:
+    name: str
+    seq: int
+    time_ns: int
+    pinned: bool = False
+
+
+Version = tuple[int, int, int]  # (seq, loc, crc)
+
+
+class MapDB:
+    """One connection to maps.db. The Store gives each thread that needs one its own."""
+
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+        self.path = path
+        self.db = apsw.Connection(str(path), flags=flags)
+        self.db.set_busy_timeout(10_000)
+        if not readonly:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # schema ------------------------------------------------------------------------------
+    def user_version(self) -> int:
+        return int(self.one("PRAGMA user_version") or 0)
+
+    def migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION, one recorded step at a time."""
+        v = self.user_version()
+        if v > SCHEMA_VERSION:
+            raise RuntimeError(f"maps.db has schema {v}, newer than this Rewind ({SCHEMA_VERSION}); upgrade Rewind")
+        while v < SCHEMA_VERSION:
+            with self.db:
+                self.db.execute(MIGRATIONS[v])
+                v += 1
+                self.db.execute(f"PRAGMA user_version={v}")
+
+    # helpers -----------------------------------------------------------------------------
+    def one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        for row in self.db.execute(sql, args):
+            return row[0]
+        return None
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        v = self.one("SELECT value FROM meta WHERE key=?", (key,))
+        return default if v is None else v
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+
+    # writes (indexer thread) -------------------------------------------------------------
+    def commit(
+        self,
+        versions: list[tuple[int, int, int, int]],
+        records: list[tuple[int, int, int, int, int, int]],
+        maps: dict[int, tuple[int, int, int, int, str, int]],
+        marks: list[tuple[str, int, int, int]],
+        unmarks: list[str],
+        stats: dict[int, list[int]],
+        meta: dict[str, Any],
+    ) -> None:
+        """Persist one generation of index rows in a single transaction."""
+        with self.db:
+            if versions:
+                self.db.executemany("INSERT OR REPLACE INTO versions VALUES(?,?,?,?)", versions)
+            if records:
+                self.db.executemany("INSERT OR REPLACE INTO records VALUES(?,?,?,?,?,?)", records)
+            for mid, (fs, ls, ft, lt, kind, n) in maps.items():
+                self.db.execute(
+                    "INSERT INTO maps(id, first_seq, last_seq, first_time, last_time, kind, entries)"
+                    " VALUES(?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET last_seq=excluded.last_seq,"
+                    " last_time=excluded.last_time, entries=entries+excluded.entries",
+                    (mid, fs, ls, ft, lt, kind, n),
+                )
+            for name, seq, t, pinned in marks:
+                self.db.execute("INSERT OR REPLACE INTO marks VALUES(?,?,?,?)", (name, seq, t, pinned))
+            for name in unmarks:
+                self.db.execute("DELETE FROM marks WHERE name=?", (name,))
+            for t, (w, b, jb) in stats.items():
+                self.db.execute(
+                    "INSERT INTO stats VALUES(?,?,?,?) ON CONFLICT(t) DO UPDATE SET"
+                    " writes=writes+excluded.writes, bytes=bytes+excluded.bytes,"
+                    " journal_bytes=excluded.journal_bytes",
+                    (t, w, b, jb),
+                )
+            for k, v in meta.items():
+                self.set_meta(k, v)
+
+    # reads -------------------------------------------------------------------------------
+    def newest(self, block: int, seq: int) -> Version | None:
+        """The newest version of `block` at or before `seq`: one b-tree descent."""
+        for row in self.db.execute(
+            "SELECT seq, loc, crc FROM versions WHERE block=? AND seq<=? ORDER BY seq DESC LIMIT 1",
+            (block, seq),
+        ):
+            return (int(row[0]), int(row[1]), int(row[2]))
+        return None
+
+    def touched_blocks(self) -> Iterator[int]:
+        """Every block that has any version (used to rebuild the copy-on-first-write bitmap)."""
+        for (b,) in self.db.execute("SELECT DISTINCT block FROM versions"):
+            yield int(b)
+
+    def changed_between(self, a: int, b: int) -> Iterator[tuple[int, int]]:
+        """(block, count) runs of WRITE/ZERO records with a < seq <= b."""
+        for blk, cnt in self.db.execute(
+            "SELECT block, count FROM records WHERE seq>? AND seq<=? AND kind IN (1,3)", (a, b)
+        ):
+            yield int(blk), int(cnt)
+
+    def seq_at_time(self, t: int) -> int | None:
+        v = self.one("SELECT max(seq) FROM records WHERE time<=?", (t,))
+        return None if v is None else int(v)
+
+    def record_time(self, seq: int) -> int | None:
+        v = self.one("SELECT time FROM records WHERE seq<=? ORDER BY seq DESC LIMIT 1", (seq,))
+        return None if v is None else int(v)
+
+    def record_exists(self, seq: int) -> bool:
+        return self.one("SELECT 1 FROM records WHERE seq=?", (seq,)) is not None
+
+    def neighbours(self, seq: int) -> tuple[int | None, int | None]:
+        lo = self.one("SELECT max(seq) FROM records WHERE seq<?", (seq,))
+        hi = self.one("SELECT min(seq) FROM records WHERE seq>?", (seq,))
+        return (None if lo is None else int(lo)), (None if hi is None else int(hi))
+
+    def marks(self) -> list[Mark]:
+        return [
+            Mark(str(n), int(s), int(t), bool(p))
+            for n, s, t, p in self.db.execute("SELECT name, seq, time, pinned FROM marks ORDER BY seq")
+        ]
+
+    def mark(self, name: str) -> Mark | None:
+        for n, s, t, p in self.db.execute("SELECT name, seq, time, pinned FROM marks WHERE name=?", (name,)):
+            return Mark(str(n), int(s), int(t), bool(p))
+        return None
+
+    def maps(self) -> list[MapInfo]:
+        return [
+            MapInfo(*(int(x) if i != 5 else str(x) for i, x in enumerate(r)))  # type: ignore[arg-type]
+            for r in self.db.execute(
+                "SELECT id, first_seq, last_seq, first_time, last_time, kind, entries FROM maps ORDER BY id"
+            )
+        ]
+
+    def stats(self, since: int | None, until: int | None) -> list[tuple[int, int, int, int]]:
+        return [
+            (int(t), int(w), int(b), int(j))
+            for t, w, b, j in self.db.execute(
+                "SELECT t, writes, bytes, journal_bytes FROM stats WHERE t>=? AND t<=? ORDER BY t",
+                (since if since is not None else -(1 << 62), until if until is not None else 1 << 62),
+            )
+        ]
+
+    def count(self, table: str) -> int:
+        assert table in ("versions", "records", "maps", "marks", "stats")
+        return int(self.one(f"SELECT count(*) FROM {table}") or 0)
+
+    def all_versions(self) -> Iterable[tuple[int, int, int, int]]:
+        for b, s, loc, crc in self.db.execute("SELECT block, seq, loc, crc FROM versions"):
+            yield int(b), int(s), int(loc), int(crc)

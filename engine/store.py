@@ -1,0 +1,1059 @@
+"""Store: one protection (a primary volume and its secondary volume), the engine's public face.
+
+Write path (PERFORMANCE.md): every request of a batch becomes journal records appended with one
+writev, then the primary is written; index rows go to an in-memory generation that a background
+indexer thread commits to SQLite in big transactions. Reads of a past point consult the pending
+generations first, then SQLite: one b-tree descent per block.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fcntl
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput, CorruptionError, PointError, ReadOnlyError, RewindError, StoreLocked
+from .jobs import Job, Progress
+from .journal.record import (
+    HEADER_SIZE,
+    MAX_RECORD_BYTES,
+    Kind,
+    block_crcs,
+    encode_header,
+    pack_table,
+    zero_crc,
+)
+from .journal.segments import ZERO_LOC, Journal, TornTail, make_loc, segment_name
+from .maps import MapDB, MapInfo, Mark, Version
+from .points import check_mark_name, format_ns, parse_point
+from .primary import Primary
+
+FORMAT = 1
+MAP_SPAN_NS = 60 * 10**9  # a new delta map at least every minute of writes
+INDEX_BATCH_ROWS = 200_000
+SYNC_INTERVAL_S = 1.0  # group commit: appended records become durable within this, or at FLUSH/FUA
+WRITE_RECORD_BYTES = 32 << 20
+assert WRITE_RECORD_BYTES <= MAX_RECORD_BYTES
+
+# Per-block state in the copy-on-first-write bitmap.
+UNTOUCHED = 0  # no version since the horizon; primary still holds its horizon contents
+TOUCHED = 1  # has versions in the index
+HOLE = 2  # untouched and a hole in the image: its horizon contents are zeros, no baseline needed
+
+Listener = Callable[[str, dict[str, Any]], None]
+Req = tuple[str, int, Any]
+
+
+@dataclass
+class StatRow:
+    """Writes in one second of history and the journal's size at its end."""
+
+    t: int
+    writes: int
+    bytes: int
+    journal_bytes: int
+
+
+@dataclass
+class _Gen:
+    """Index rows not yet in SQLite. Lookups search these before the database."""
+
+    blocks: dict[int, list[Version]] = field(default_factory=dict)
+    versions: list[tuple[int, int, int, int]] = field(default_factory=list)
+    records: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
+    maps: dict[int, tuple[int, int, int, int, str, int]] = field(default_factory=dict)
+    marks: list[tuple[str, int, int, int]] = field(default_factory=list)
+    unmarks: list[str] = field(default_factory=list)
+    stats: dict[int, list[int]] = field(default_factory=dict)
+    last_seq: int = 0
+    end_pos: tuple[int, int] = (0, 0)
+
+    def empty(self) -> bool:
+        return not (self.versions or self.records or self.marks or self.unmarks or self.stats or self.last_seq)
+
+
+class Volume:
+    """The live volume (read-write) or a past point (read-only): what front ends serve."""
+
+    def __init__(self, store: Store, seq: int | None) -> None:
+        self._store = store
+        self._seq = seq
+        self.size = store.size
+        self.block_size = store.block_size
+        self.readonly = seq is not None
+
+    @property
+    def seq(self) -> int:
+        return self._store.head if self._seq is None else self._seq
+
+    @property
+    def time_ns(self) -> int:
+        return self._store.point_time(self.seq)
+
+    def read(self, off: int, n: int) -> bytes:
+        return self._store._read(self._seq, off, n)
+
+    def _rw(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"the volume at seq:{self._seq} is read-only: export it or rewind to it")
+
+    def write(self, off: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self._rw()
+        self._store._write_many([("write", off, data)], fua)
+
+    def zero(self, off: int, n: int, fua: bool = False) -> None:
+        self._rw()
+        self._store._write_many([("zero", off, n)], fua)
+
+    def trim(self, off: int, n: int, fua: bool = False) -> None:
+        self._rw()
+        self._store._write_many([("trim", off, n)], fua)
+
+    def write_many(self, reqs: list[Req], fua: bool = False) -> None:
+        self._rw()
+        self._store._write_many(reqs, fua)
+
+    def flush(self) -> None:
+        if not self.readonly:
+            self._store.flush()
+
+    def changes_since(self, point: str | int) -> list[tuple[int, int]]:
+        return self._store.diff(point, self.seq)
+
+
+class Store:
+    """One protection. Create with Store.create, open with Store.open; thread-safe."""
+
+    # construction ------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        primary: str | Path,
+        store_dir: str | Path,
+        size: int | None = None,
+        block_size: int = 4096,
+        clock: Callable[[], int] | None = None,
+    ) -> Store:
+        """Start protecting `primary` with its history in `store_dir`; no copy is made."""
+        d = Path(store_dir).absolute()
+        p = Path(primary).absolute()
+        if block_size < 512 or block_size > (1 << 20) or block_size & (block_size - 1):
+            raise BadInput(f"block size {block_size} is not a power of two between 512 and 1M")
+        if (d / "store.json").exists():
+            raise BadInput(f"{d} already holds a protection: open it, or pick an empty directory")
+        if d.exists() and (not d.is_dir() or any(d.iterdir())):
+            raise BadInput(f"{d} exists and is not an empty directory: pick a new directory for the store")
+        if not d.parent.is_dir():
+            raise BadInput(f"{d.parent} does not exist: create it first")
+        if p == d or d in p.parents:
+            raise BadInput("the primary volume cannot live inside its own store")
+        if size is not None and size <= 0:
+            raise BadInput("--size must be positive")
+        if not p.exists():
+            if size is None:
+                raise BadInput(f"{p} does not exist: give --size to create a new sparse image")
+            if not p.parent.is_dir():
+                raise BadInput(f"{p.parent} does not exist: create it first")
+            if size % block_size:
+                raise BadInput(f"size {size} is not a multiple of the block size {block_size}")
+            with open(p, "xb") as f:
+                f.truncate(size)
+        prim = Primary(p)
+        try:
+            if size is not None and prim.size != size:
+                raise BadInput(f"{p} exists with size {prim.size}, not {size}: drop --size to protect it as it is")
+            if prim.size == 0:
+                raise BadInput(f"{p} is empty: give a volume with data or create one with --size")
+            if prim.size % block_size:
+                raise BadInput(
+                    f"{p} is {prim.size} bytes, not a multiple of the block size {block_size}: use --block-size 512"
+                )
+            vol_size = prim.size
+        finally:
+            prim.close()
+        now = (clock or time.time_ns)()
+        d.mkdir(mode=0o700, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "uuid": str(uuid.uuid4()),
+            "primary": str(p),
+            "size": vol_size,
+            "block_size": block_size,
+            "created_ns": now,
+            "horizon_seq": 0,
+            "horizon_ns": now,
+            "mode": "mirror",
+        }
+        _write_json(d / "store.json", meta)
+        return cls.open(d, clock=clock)
+
+    @classmethod
+    def open(cls, store_dir: str | Path, clock: Callable[[], int] | None = None) -> Store:
+        """Open a protection; takes its lock, cuts a torn journal tail and completes the index."""
+        d = Path(store_dir).absolute()
+        if not (d / "store.json").is_file():
+            raise BadInput(f"{d} is not a Rewind store (no store.json): check the path or run `rewind protect`")
+        return cls(d, clock)
+
+    def __init__(self, d: Path, clock: Callable[[], int] | None) -> None:
+        self.dir = d
+        self.meta = _read_json(d / "store.json")
+        self.clock: Callable[[], int] = clock or time.time_ns
+        self.primary_path: str = self.meta["primary"]
+        self.size: int = self.meta["size"]
+        self.block_size: int = self.meta["block_size"]
+        self.nblocks = self.size // self.block_size
+        self.recovery: list[str] = []
+        self._listeners: list[Listener] = []
+        self._lock = threading.RLock()
+        self._commit_lock = threading.Lock()
+        self._closed = False
+        self._lockfd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._lockfd, 64, 0).decode(errors="replace").strip()
+            os.close(self._lockfd)
+            raise StoreLocked(
+                f"store {d} is in use by another rewind process{f' (pid {holder})' if holder else ''}:"
+                " stop it, or talk to it through its control socket"
+            ) from None
+        os.ftruncate(self._lockfd, 0)
+        os.pwrite(self._lockfd, str(os.getpid()).encode(), 0)
+        try:
+            self._primary = Primary(self.primary_path)
+            if self._primary.size != self.size:
+                raise CorruptionError(
+                    f"primary {self.primary_path} is {self._primary.size} bytes but was {self.size}: "
+                    "it was resized outside Rewind; restore its size",
+                    self.primary_path,
+                )
+            self.journal = Journal(d / "journal", self.block_size)
+            self._db = MapDB(d / "maps.db")
+            self._wdb = MapDB(d / "maps.db")
+            self._gen = _Gen()
+            self._frozen: list[_Gen] = []
+            self._recover()
+            self._build_state()
+        except BaseException:
+            self._release()
+            raise
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._indexer = threading.Thread(target=self._index_loop, name="rewind-indexer", daemon=True)
+        self._indexer.start()
+        self.live = Volume(self, None)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush everything, stop the indexer, release the lock. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        self._wake.set()
+        self._indexer.join()
+        try:
+            self._sync()
+            self._index_sync()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for name in ("_db", "_wdb"):
+            db = getattr(self, name, None)
+            if db is not None:
+                db.close()
+        j = getattr(self, "journal", None)
+        if j is not None:
+            j.close()
+        p = getattr(self, "_primary", None)
+        if p is not None:
+            p.close()
+        if self._lockfd >= 0:
+            os.close(self._lockfd)
+            self._lockfd = -1
+
+    # recovery ----------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Index what the journal holds past the index, cut a torn tail, redo it on the primary."""
+        db = self._wdb
+        self._head = int(db.get_meta("indexed_seq", self.meta["horizon_seq"]))
+        self._last_time = int(db.get_meta("indexed_time", self.meta["horizon_ns"]))
+        segno = int(db.get_meta("indexed_segno", 0))
+        off = int(db.get_meta("indexed_off", 0))
+        self._map_id = int(db.get_meta("map_id", 0))
+        self._map_first = (int(db.get_meta("map_first_seq", 0)), int(db.get_meta("map_first_time", 0)))
+        self._mark_pending_roll = False
+        gen = self._gen
+        bs = self.block_size
+        redo = 0
+        try:
+            for rec in self.journal.scan(segno, off):
+                h = rec.hdr
+                if h.seq <= self._head:
+                    continue  # already indexed
+                self._head = h.seq
+                self._last_time = max(self._last_time, h.time_ns)
+                if h.kind in (Kind.WRITE, Kind.BASELINE):
+                    key = h.aux if h.kind == Kind.BASELINE else h.seq
+                    for i in range(h.count):
+                        loc = make_loc(rec.segno, rec.data_off + i * bs)
+                        self._add_row(gen, h.block + i, key, loc, rec.crcs[i])
+                    if h.kind == Kind.WRITE:
+                        data = self.journal.pread(make_loc(rec.segno, rec.data_off), h.count * bs)
+                        self._primary.pwrite(h.block * bs, data)
+                        redo += 1
+                elif h.kind == Kind.ZERO:
+                    for i in range(h.count):
+                        self._add_row(gen, h.block + i, h.seq, ZERO_LOC, 0)
+                    self._primary.zero(h.block * bs, h.count * bs)
+                    redo += 1
+                if h.kind != Kind.BASELINE:
+                    self._add_record(gen, h.seq, h.time_ns, h.kind, h.block, h.count, h.count * bs)
+                if h.kind == Kind.MARK:
+                    gen.marks.append((rec.name, h.seq, h.time_ns, 0))
+                elif h.kind == Kind.UNMARK:
+                    gen.unmarks.append(rec.name)
+                gen.last_seq = h.seq
+                gen.end_pos = (rec.segno, rec.end)
+        except TornTail as t:
+            lost = self.journal.seg_path(t.segno).stat().st_size - t.offset
+            self.journal.truncate(t.segno, t.offset)
+            self.recovery.append(
+                f"cut a torn journal tail at {segment_name(t.segno)} offset {t.offset} ({lost} bytes: {t.reason});"
+                " it held only writes that were never acknowledged"
+            )
+        if redo:
+            self._primary.sync()
+            self.recovery.append(f"re-applied {redo} journaled writes to the primary after an unclean stop")
+        if not gen.empty():
+            self._commit(gen)
+        self._gen = _Gen()
+
+    def _build_state(self) -> None:
+        """The copy-on-first-write bitmap: which blocks still need a baseline before an overwrite."""
+        bs = self.block_size
+        st = bytearray(self.nblocks)
+        if self.meta.get("mode") != "watch":
+            for a, e in self._primary.holes():
+                b0, b1 = -(-a // bs), e // bs
+                if b1 > b0:
+                    st[b0:b1] = bytes([HOLE]) * (b1 - b0)
+        for b in self._db.touched_blocks():
+            if 0 <= b < self.nblocks:
+                st[b] = TOUCHED
+        self._state = st
+
+    # index generations -------------------------------------------------------------------
+    def _add_row(self, gen: _Gen, block: int, seq: int, loc: int, crc: int) -> None:
+        gen.versions.append((block, seq, loc, crc))
+        lst = gen.blocks.get(block)
+        if lst is None:
+            gen.blocks[block] = [(seq, loc, crc)]
+        else:
+            lst.append((seq, loc, crc))
+            if seq < lst[-2][0]:  # baselines (keyed at the horizon) may arrive after newer rows
+                lst.sort()
+
+    def _add_record(self, gen: _Gen, seq: int, t: int, kind: int, block: int, count: int, nbytes: int) -> None:
+        if (
+            self._map_id == 0
+            or self._mark_pending_roll
+            or t - self._map_first[1] >= MAP_SPAN_NS
+        ):
+            self._map_id += 1
+            self._map_first = (seq, t)
+            self._mark_pending_roll = False
+        gen.records.append((seq, t, int(kind), block, count, self._map_id))
+        fs, ft = self._map_first
+        prev = gen.maps.get(self._map_id)
+        entries = (prev[5] if prev else 0) + (count if kind in (Kind.WRITE, Kind.ZERO) else 0)
+        gen.maps[self._map_id] = (fs, seq, ft, t, "live", entries)
+        if kind == Kind.MARK:
+            self._mark_pending_roll = True
+        if kind in (Kind.WRITE, Kind.ZERO):
+            sec = t // 10**9
+            s = gen.stats.get(sec)
+            if s is None:
+                gen.stats[sec] = [1, nbytes, 0]
+            else:
+                s[0] += 1
+                s[1] += nbytes
+
+    def _commit(self, gen: _Gen) -> None:
+        """Write one generation to SQLite (indexer thread, or recovery)."""
+        for s in gen.stats.values():
+            s[2] = self.journal_bytes_estimate()
+        meta: dict[str, Any] = {
+            "map_id": self._map_id,
+            "map_first_seq": self._map_first[0],
+            "map_first_time": self._map_first[1],
+        }
+        if gen.last_seq:
+            meta["indexed_seq"] = gen.last_seq
+            meta["indexed_time"] = self._last_time
+            meta["indexed_segno"], meta["indexed_off"] = gen.end_pos
+        self._wdb.commit(gen.versions, gen.records, gen.maps, gen.marks, gen.unmarks, gen.stats, meta)
+
+    def journal_bytes_estimate(self) -> int:
+        j = self.journal
+        return (j.segno - 1) * j.SEGMENT_LIMIT + j.end if j.segno else 0
+
+    def _index_once(self) -> bool:
+        with self._commit_lock:
+            with self._lock:
+                gen = self._gen
+                if gen.empty():
+                    return False
+                self._gen = _Gen()
+                self._frozen.append(gen)
+            try:
+                self._commit(gen)
+            finally:
+                with self._lock:
+                    self._frozen.remove(gen)
+            return True
+
+    def _index_sync(self) -> None:
+        """Commit every pending row now (marks, verify and close need the index complete)."""
+        while self._index_once():
+            pass
+
+    def _index_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.25)
+            self._wake.clear()
+            try:
+                self._index_once()
+                if self._dirty and time.monotonic() - self._last_sync >= SYNC_INTERVAL_S:
+                    with self._lock:
+                        if not self._closed:
+                            self._sync()
+            except Exception as e:  # never die silently: tell the console
+                self._emit("error", {"message": f"indexing failed: {e}"})
+                time.sleep(1)
+
+    # write path --------------------------------------------------------------------------
+    def _next(self) -> tuple[int, int]:
+        self._head += 1
+        t = self.clock()
+        if t < self._last_time:
+            t = self._last_time  # times never go backwards, even if the wall clock does
+        self._last_time = t
+        return self._head, t
+
+    def _check_range(self, off: int, n: int) -> None:
+        if off < 0 or n < 0 or off + n > self.size:
+            raise BadInput(f"range {off}+{n} is outside the volume (size {self.size})")
+
+    def _write_many(self, reqs: list[Req], fua: bool) -> None:
+        bs = self.block_size
+        with self._lock:
+            if self._closed:
+                raise RewindError("the store is closed")
+            batch = _Batch()
+            for kind, off, x in reqs:
+                if kind == "write":
+                    data = x if isinstance(x, memoryview) else memoryview(x)
+                    n = len(data)
+                    self._check_range(off, n)
+                    if n == 0:
+                        continue
+                    if off % bs or n % bs:
+                        self._apply(batch)
+                        batch = _Batch()
+                        a, e = off - off % bs, -(-(off + n) // bs) * bs
+                        buf = bytearray(self._primary.pread(a, e - a))
+                        buf[off - a : off - a + n] = data
+                        data, off = memoryview(buf), a
+                    self._stage_write(batch, off // bs, data)
+                elif kind in ("zero", "trim"):
+                    n = int(x)
+                    self._check_range(off, n)
+                    if n == 0:
+                        continue
+                    a, e = -(-off // bs) * bs, (off + n) // bs * bs
+                    if a >= e:  # all inside one block: zero its part
+                        self._write_many_inner(batch, off, bytes(n))
+                        continue
+                    if off < a:
+                        self._write_many_inner(batch, off, bytes(a - off))
+                        batch = _Batch()
+                    self._stage_zero(batch, a // bs, (e - a) // bs)
+                    if e < off + n:
+                        self._apply(batch)
+                        batch = _Batch()
+                        self._write_many_inner(batch, e, bytes(off + n - e))
+                else:
+                    raise BadInput(f"unknown request kind {kind!r}")
+            self._apply(batch)
+            if fua:
+                self._sync()
+        self._wake_indexer()
+
+    def _write_many_inner(self, batch: _Batch, off: int, data: bytes) -> None:
+        """An unaligned piece: commit what is staged, then read-modify-write whole blocks."""
+        bs = self.block_size
+        self._apply(batch)
+        batch.clear()
+        a, e = off - off % bs, -(-(off + len(data)) // bs) * bs
+        buf = bytearray(self._primary.pread(a, e - a))
+        buf[off - a : off - a + len(data)] = data
+        self._stage_write(batch, a // bs, memoryview(buf))
+        self._apply(batch)
+        batch.clear()
+
+    def _stage_baselines(self, batch: _Batch, b0: int, count: int, old: memoryview | None = None) -> None:
+        """Copy-on-first-write: journal the horizon contents of blocks about to change."""
+        st = self._state
+        bs = self.block_size
+        seg = st[b0 : b0 + count]
+        if UNTOUCHED not in seg and HOLE not in seg:
+            return
+        horizon = int(self.meta["horizon_seq"])
+        i = 0
+        while i < count:
+            s = seg[i]
+            if s == TOUCHED or (s == HOLE and old is None):
+                i += 1
+                continue
+            j = i + 1
+            limit = WRITE_RECORD_BYTES // bs
+            while j < count and j - i < limit and (seg[j] == UNTOUCHED or (seg[j] == HOLE and old is not None)):
+                j += 1
+            if old is None:
+                data = memoryview(self._primary.pread((b0 + i) * bs, (j - i) * bs))
+            else:
+                data = old[i * bs : j * bs]
+            seq, t = self._next()
+            batch.add(Kind.BASELINE, seq, t, b0 + i, j - i, data, aux=horizon, bs=bs)
+            i = j
+        st[b0 : b0 + count] = bytes([TOUCHED]) * count
+
+    def _stage_write(self, batch: _Batch, b0: int, data: memoryview, primary: bool = True) -> None:
+        bs = self.block_size
+        count = len(data) // bs
+        self._stage_baselines(batch, b0, count)
+        step = WRITE_RECORD_BYTES // bs
+        for i in range(0, count, step):
+            k = min(step, count - i)
+            seq, t = self._next()
+            batch.add(Kind.WRITE, seq, t, b0 + i, k, data[i * bs : (i + k) * bs], bs=bs)
+        if primary:
+            batch.prim.append((b0 * bs, data))
+
+    def _stage_zero(self, batch: _Batch, b0: int, count: int) -> None:
+        seg = self._state[b0 : b0 + count]
+        if UNTOUCHED not in seg and TOUCHED not in seg:
+            return  # zeros over untouched holes change nothing: no history, no I/O
+        self._stage_baselines(batch, b0, count)
+        seq, t = self._next()
+        batch.add(Kind.ZERO, seq, t, b0, count, None, bs=self.block_size)
+        batch.prim.append((b0 * self.block_size, count * self.block_size))
+
+    def _apply(self, batch: _Batch) -> None:
+        """Append the staged records in one go, then write the primary, then index."""
+        if not batch.recs:
+            return
+        segno, start = self.journal.append(batch.pieces, batch.nbytes)
+        self._dirty = True
+        bs = self.block_size
+        gen = self._gen
+        for kind, seq, t, b0, count, rel, crcs, aux in batch.recs:
+            if kind == Kind.ZERO:
+                for i in range(count):
+                    self._add_row(gen, b0 + i, seq, ZERO_LOC, 0)
+            else:
+                dstart = start + rel + HEADER_SIZE + 4 * count
+                key = aux if kind == Kind.BASELINE else seq
+                for i in range(count):
+                    self._add_row(gen, b0 + i, key, make_loc(segno, dstart + i * bs), crcs[i])
+            if kind != Kind.BASELINE:
+                self._add_record(gen, seq, t, kind, b0, count, count * bs)
+            gen.last_seq = seq
+        gen.end_pos = (segno, start + batch.nbytes)
+        for off, x in batch.prim:
+            if isinstance(x, int):
+                self._primary.zero(off, x)
+            else:
+                self._primary.pwrite(off, x)
+        batch.clear()
+        if len(gen.versions) >= INDEX_BATCH_ROWS:
+            self._wake.set()
+
+    def _wake_indexer(self) -> None:
+        if len(self._gen.versions) >= INDEX_BATCH_ROWS // 4:
+            self._wake.set()
+
+    def journal_external(self, off: int, data: bytes, old: bytes) -> None:
+        """Watch mode: journal a write another program already made to the primary."""
+        bs = self.block_size
+        if off % bs or len(data) % bs or len(old) != len(data):
+            raise BadInput("external writes must be whole blocks with their old contents")
+        self._check_range(off, len(data))
+        with self._lock:
+            batch = _Batch()
+            b0, count = off // bs, len(data) // bs
+            self._stage_baselines(batch, b0, count, old=memoryview(old))
+            self._stage_write(batch, b0, memoryview(data), primary=False)
+            self._apply(batch)
+        self._wake_indexer()
+
+    def set_mode(self, mode: str) -> None:
+        """"mirror" (writes come through Rewind) or "watch" (Rewind follows a file others write)."""
+        if mode not in ("mirror", "watch"):
+            raise BadInput(f"unknown mode {mode!r}")
+        with self._lock:
+            self.meta["mode"] = mode
+            _write_json(self.dir / "store.json", self.meta)
+            if mode == "watch":
+                self._build_state()
+
+    def flush(self) -> None:
+        """Make every write so far durable in journal and primary (NBD FLUSH, fsync)."""
+        with self._lock:
+            self._sync()
+
+    def _sync(self) -> None:
+        self.journal.sync()
+        self._primary.sync()
+        self._dirty = False
+        self._last_sync = time.monotonic()
+
+    # read path ---------------------------------------------------------------------------
+    def _version(self, block: int, seq: int) -> Version | None:
+        """Newest version of `block` at or before `seq`: pending generations, then SQLite."""
+        for gen in (self._gen, *reversed(self._frozen)):
+            lst = gen.blocks.get(block)
+            if lst:
+                for v in reversed(lst):
+                    if v[0] <= seq:
+                        return v
+        return self._db.newest(block, seq)
+
+    def _read(self, seq: int | None, off: int, n: int) -> bytes:
+        self._check_range(off, n)
+        if n == 0:
+            return b""
+        with self._lock:
+            if seq is None or seq >= self._head:
+                return self._primary.pread(off, n)
+            if seq < int(self.meta["horizon_seq"]):
+                raise PointError(f"seq:{seq} is older than the horizon")
+            bs = self.block_size
+            a, e = off // bs, -(-(off + n) // bs)
+            out = bytearray((e - a) * bs)
+            prim_run: list[int] = []  # [start, end) block run read from the primary
+            jrun: list[int] = []  # [start block, end block, first loc] contiguous in the journal
+            jcrcs: list[int] = []
+
+            def flush_prim() -> None:
+                if prim_run:
+                    s, t = prim_run
+                    out[(s - a) * bs : (t - a) * bs] = self._primary.pread(s * bs, (t - s) * bs)
+                    prim_run.clear()
+
+            def flush_journal() -> None:
+                if jrun:
+                    s, t, loc = jrun
+                    self._read_journal_run(out, (s - a) * bs, loc, jcrcs)
+                    jrun.clear()
+                    jcrcs.clear()
+
+            for b in range(a, e):
+                v = self._version(b, seq)
+                if v is None:
+                    flush_journal()
+                    if self._state[b] == TOUCHED:
+                        flush_prim()
+                        continue  # a hole at the horizon, first written after `seq`
+                    if prim_run and prim_run[1] == b:
+                        prim_run[1] = b + 1
+                    else:
+                        flush_prim()
+                        prim_run[:] = [b, b + 1]
+                    continue
+                flush_prim()
+                _, loc, crc = v
+                if loc == ZERO_LOC:
+                    flush_journal()
+                    continue
+                if jrun and jrun[1] == b and jrun[2] + (b - jrun[0]) * bs == loc:
+                    jrun[1] = b + 1
+                    jcrcs.append(crc)
+                else:
+                    flush_journal()
+                    jrun[:] = [b, b + 1, loc]
+                    jcrcs.append(crc)
+            flush_prim()
+            flush_journal()
+            lo = off - a * bs
+            return bytes(out[lo : lo + n])
+
+    def _read_journal_run(self, out: bytearray, pos: int, loc: int, crcs: list[int]) -> None:
+        from .journal.record import crc32c
+
+        bs = self.block_size
+        data = self.journal.pread(loc, len(crcs) * bs)
+        mv = memoryview(data)
+        for i, c in enumerate(crcs):
+            if crc32c(mv[i * bs : (i + 1) * bs]) != c:
+                self.journal.read_block(loc + i * bs, c)  # raises CorruptionError with the location
+        out[pos : pos + len(data)] = data
+
+    def at(self, point: str | int) -> Volume:
+        """A read-only view of the volume at a point in time."""
+        return Volume(self, self.resolve(point))
+
+    # points ------------------------------------------------------------------------------
+    @property
+    def head(self) -> int:
+        return self._head
+
+    @property
+    def horizon(self) -> int:
+        return int(self.meta["horizon_seq"])
+
+    def resolve(self, point: str | int) -> int:
+        """POINT -> record sequence number, or PointError saying what is addressable."""
+        p = parse_point(point, self.clock())
+        with self._lock:
+            hz, head = self.horizon, self._head
+            if p.kind == "now":
+                return head
+            if p.kind == "mark":
+                m = self._find_mark(p.name)
+                if m is None:
+                    names = ", ".join(x.name for x in self.marks()[-5:]) or "none yet"
+                    raise PointError(f"no mark named {p.name!r} (marks: {names}); see `rewind log`")
+                return m.seq
+            if p.kind == "seq":
+                if p.value < hz or p.value > head:
+                    raise PointError(f"seq:{p.value} is outside the history (seq:{hz} to seq:{head})")
+                return p.value
+            t = p.value
+            if t < int(self.meta["horizon_ns"]):
+                raise PointError(
+                    f"{point} is before the horizon ({format_ns(int(self.meta['horizon_ns']))}): nothing older is kept"
+                )
+            if t >= self._last_time:
+                return head
+            for gen in (self._gen, *reversed(self._frozen)):
+                i = bisect.bisect_right(gen.records, t, key=lambda r: r[1])
+                if i:
+                    return gen.records[i - 1][0]
+            s = self._db.seq_at_time(t)
+            return hz if s is None else max(hz, s)
+
+    def point_time(self, seq: int) -> int:
+        with self._lock:
+            for gen in (self._gen, *reversed(self._frozen)):
+                i = bisect.bisect_right(gen.records, seq, key=lambda r: r[0])
+                if i:
+                    return gen.records[i - 1][1]
+            t = self._db.record_time(seq)
+            return int(self.meta["horizon_ns"]) if t is None else t
+
+    def _find_mark(self, name: str) -> Mark | None:
+        for gen in (self._gen, *reversed(self._frozen)):
+            if name in gen.unmarks:
+                return None
+            for m in reversed(gen.marks):
+                if m[0] == name:
+                    return Mark(m[0], m[1], m[2], bool(m[3]))
+        return self._db.mark(name)
+
+    def mark(self, name: str, pinned: bool = False) -> Mark:
+        """Name the present point. Durable when this returns."""
+        check_mark_name(name)
+        with self._lock:
+            if self._find_mark(name) is not None:
+                raise BadInput(f"a mark named {name!r} exists: pick another name")
+            raw = name.encode()
+            seq, t = self._next()
+            batch = _Batch()
+            batch.add(Kind.MARK, seq, t, 0, 0, memoryview(raw), bs=self.block_size)
+            self._apply(batch)
+            self._gen.marks.append((name, seq, t, int(pinned)))
+            self._sync()
+        self._index_sync()
+        m = Mark(name, seq, t, pinned)
+        self._emit("mark", {"name": name, "seq": seq, "time_ns": t})
+        return m
+
+    def marks(self) -> list[Mark]:
+        self._index_sync()
+        with self._lock:
+            return self._db.marks()
+
+    def maps(self) -> list[MapInfo]:
+        self._index_sync()
+        with self._lock:
+            return self._db.maps()
+
+    def stats(self, since_ns: int | None = None, until_ns: int | None = None) -> list[StatRow]:
+        """Per-second write counts and journal size (kept on disk, so the whole history)."""
+        self._index_sync()
+        with self._lock:
+            rows = self._db.stats(
+                None if since_ns is None else since_ns // 10**9, None if until_ns is None else until_ns // 10**9
+            )
+        return [StatRow(*r) for r in rows]
+
+    def info(self) -> dict[str, Any]:
+        """What `rewind log` shows, JSON-able."""
+        self._index_sync()
+        with self._lock:
+            db = self._db
+            jb = self.journal.size_bytes()
+            mb = sum(
+                os.path.getsize(p) for p in (self.dir / "maps.db", self.dir / "maps.db-wal") if p.exists()
+            )
+            return {
+                "store": str(self.dir),
+                "primary": self.primary_path,
+                "size": self.size,
+                "block_size": self.block_size,
+                "mode": self.meta.get("mode", "mirror"),
+                "records": db.count("records"),
+                "versions": db.count("versions"),
+                "journal_bytes": jb,
+                "maps_bytes": mb,
+                "segments": len(self.journal.segment_numbers()),
+                "horizon": {"seq": self.horizon, "time_ns": int(self.meta["horizon_ns"])},
+                "head": {"seq": self._head, "time_ns": self._last_time},
+                "marks": [m.__dict__ for m in db.marks()],
+                "maps": [m.__dict__ for m in db.maps()],
+                "recovery": list(self.recovery),
+            }
+
+    # diff --------------------------------------------------------------------------------
+    def changed_blocks(self, a: str | int, b: str | int) -> list[int]:
+        """Blocks whose contents differ between two points, found from the maps (claim 3)."""
+        sa, sb = self.resolve(a), self.resolve(b)
+        if sa > sb:
+            sa, sb = sb, sa
+        if sa == sb:
+            return []
+        self._index_sync()
+        with self._lock:
+            cand: set[int] = set()
+            for blk, cnt in self._db.changed_between(sa, sb):
+                cand.update(range(blk, blk + cnt))
+            out = []
+            for blk in sorted(cand):
+                if self._block_id(blk, sa) != self._block_id(blk, sb):
+                    if self._read(sa, blk * self.block_size, self.block_size) != self._read(
+                        sb, blk * self.block_size, self.block_size
+                    ):
+                        out.append(blk)
+            return out
+
+    def _block_id(self, block: int, seq: int) -> tuple[int, int]:
+        """(kind, crc) identity of a block's contents at `seq`, without reading it when possible."""
+        v = self._version(block, seq)
+        if v is None:
+            if self._state[block] == TOUCHED:
+                return (0, zero_crc(self.block_size))
+            return (1, block)  # still the horizon contents in the primary
+        if v[1] == ZERO_LOC:
+            return (0, zero_crc(self.block_size))
+        return (0, v[2])
+
+    def diff(self, a: str | int, b: str | int) -> list[tuple[int, int]]:
+        """(offset, length) byte ranges that differ between two points."""
+        bs = self.block_size
+        runs: list[tuple[int, int]] = []
+        for blk in self.changed_blocks(a, b):
+            if runs and runs[-1][0] + runs[-1][1] == blk * bs:
+                runs[-1] = (runs[-1][0], runs[-1][1] + bs)
+            else:
+                runs.append((blk * bs, bs))
+        return runs
+
+    # jobs --------------------------------------------------------------------------------
+    def export(self, point: str | int, out: str | Path) -> Job:
+        """Job: write OUT, a sparse raw image equal to the volume at POINT (claim 5)."""
+        seq = self.resolve(point)
+        dest = Path(out).absolute()
+        if dest.is_dir():
+            raise BadInput(f"{dest} is a directory: give a file name for the exported image")
+        if not dest.parent.is_dir():
+            raise BadInput(f"{dest.parent} does not exist: create it first")
+        if str(dest) == self.primary_path or self.dir in dest.parents:
+            raise BadInput("export into the primary or the store itself is not allowed: pick another file")
+        size = self.size
+
+        def body(check: Callable[[], None]) -> Iterator[Progress]:
+            tmp = dest.with_name(f".{dest.name}.rewind-partial")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            ok = False
+            try:
+                os.ftruncate(fd, size)
+                chunk = 4 << 20
+                zeros = bytes(chunk)
+                for off in range(0, size, chunk):
+                    check()
+                    n = min(chunk, size - off)
+                    data = self._read(seq, off, n)
+                    if data != zeros[:n]:
+                        os.pwrite(fd, data, off)
+                    yield Progress("export", off + n, size)
+                os.fsync(fd)
+                os.rename(tmp, dest)
+                ok = True
+            finally:
+                os.close(fd)
+                if not ok:
+                    tmp.unlink(missing_ok=True)
+            return str(dest)
+
+        return Job("export", body)
+
+    def rewind(self, point: str | int) -> Job:
+        """Job: make the primary equal to POINT in place, journaled, after marking the present."""
+        seq = self.resolve(point)
+
+        def body(check: Callable[[], None]) -> Iterator[Progress]:
+            n = 1
+            while self._find_mark(f"before-rewind-{n}") is not None:
+                n += 1
+            name = f"before-rewind-{n}"
+            here = self.mark(name).seq
+            self._emit("rewind-start", {"mark": name, "to_seq": seq})
+            blocks = self.changed_blocks(seq, here)
+            bs = self.block_size
+            runs: list[tuple[int, int]] = []
+            for b in blocks:
+                if runs and runs[-1][1] == b and runs[-1][1] - runs[-1][0] < 256:
+                    runs[-1] = (runs[-1][0], b + 1)
+                else:
+                    runs.append((b, b + 1))
+            done = 0
+            for s, e in runs:
+                check()
+                data = self._read(seq, s * bs, (e - s) * bs)
+                if data.count(0) == len(data):
+                    self._write_many([("zero", s * bs, len(data))], False)
+                else:
+                    self._write_many([("write", s * bs, data)], False)
+                done += e - s
+                yield Progress("rewind", done, len(blocks))
+            self.flush()
+            self._emit("rewind", {"mark": name, "to_seq": seq, "blocks": len(blocks)})
+            return name
+
+        return Job("rewind", body)
+
+    def verify(self) -> Job:
+        """Job: check every record's checksums and every index entry against the journal."""
+
+        def body(check: Callable[[], None]) -> Iterator[Progress]:
+            from .verify import verify_store
+
+            result = yield from verify_store(self, check)
+            if result:
+                self._emit("damage", {"problems": result[:20]})
+            return result
+
+        return Job("verify", body)
+
+    # events ------------------------------------------------------------------------------
+    def add_listener(self, fn: Listener) -> None:
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Listener) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(event, data)
+            except Exception:  # a broken listener must not break the engine
+                pass
+
+
+class _Batch:
+    """Records staged for one journal append, with their byte position inside it."""
+
+    __slots__ = ("pieces", "nbytes", "recs", "prim")
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes | bytearray | memoryview] = []
+        self.nbytes = 0
+        self.recs: list[tuple[Kind, int, int, int, int, int, list[int], int]] = []
+        self.prim: list[tuple[int, Any]] = []
+
+    def clear(self) -> None:
+        self.pieces.clear()
+        self.nbytes = 0
+        self.recs.clear()
+        self.prim.clear()
+
+    def add(
+        self, kind: Kind, seq: int, t: int, block: int, count: int, data: memoryview | None, *, bs: int, aux: int = 0
+    ) -> None:
+        rel = self.nbytes
+        crcs: list[int] = []
+        if kind in (Kind.WRITE, Kind.BASELINE):
+            assert data is not None
+            crcs = block_crcs(data, bs)
+            table = pack_table(crcs)
+            hdr = encode_header(kind, seq, t, block, count, len(table) + len(data), aux, table)
+            self.pieces += (hdr, table, data)
+            self.nbytes += len(hdr) + len(table) + len(data)
+        elif kind == Kind.ZERO:
+            hdr = encode_header(kind, seq, t, block, count, 0, aux, b"")
+            self.pieces.append(hdr)
+            self.nbytes += len(hdr)
+        else:
+            assert data is not None
+            raw = bytes(data)
+            hdr = encode_header(kind, seq, t, block, count, len(raw), aux, raw)
+            self.pieces += (hdr, raw)
+            self.nbytes += len(hdr) + len(raw)
+        self.recs.append((kind, seq, t, block, count, rel, crcs, aux))
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptionError(f"{path} is unreadable ({e}): the store's description is damaged", str(path)) from e
+    need = {"format": int, "primary": str, "size": int, "block_size": int, "horizon_seq": int, "horizon_ns": int}
+    for k, typ in need.items():
+        if not isinstance(obj.get(k), typ):
+            raise CorruptionError(f"{path}: field {k!r} is missing or wrong", str(path))
+    if obj["format"] != FORMAT:
+        raise BadInput(f"{path} is format {obj['format']}; this Rewind reads format {FORMAT}")
+    bs = obj["block_size"]
+    if bs < 512 or bs & (bs - 1) or obj["size"] <= 0 or obj["size"] % bs:
+        raise CorruptionError(f"{path}: size/block size are inconsistent", str(path))
+    return dict(obj)
