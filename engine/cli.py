@@ -192,6 +192,21 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+# A relative time such as -30s looks like an option to argparse; shield it while parsing.
+_RELATIVE = re.compile(r"^-\d+(?:\.\d+)?[a-zA-Z]+$")
+_SHIELD = "\u2063"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """parse_args that accepts POINTs like `-5m` as values (`--at -5m`, `diff s -1h now`)."""
+    shielded = [_SHIELD + a if _RELATIVE.match(a) else a for a in argv]
+    args = parser.parse_args(shielded)
+    for k, v in vars(args).items():
+        if isinstance(v, str) and v.startswith(_SHIELD):
+            setattr(args, k, v[len(_SHIELD):])
+    return args
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -618,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args_list:
             return _console()
         parser = build_parser()
-        args = parser.parse_args(args_list)
+        args = parse_args(parser, args_list)
         if not getattr(args, "func", None):
             raise UsageError(f"missing command (see '{PROG} --help')")
         rc: int = args.func(args)

@@ -757,14 +757,29 @@ class RemoteStore:
 
     def _call(self, op: str, **args: Json) -> Json:
         with self._lock:
-            if self._conn is None:
-                self._conn = Connection(self.dir)
-            try:
-                return self._conn.call(op, **args)
-            except (ProtocolError, ConnectionLost):
-                self._conn.close()  # framing may be lost: start afresh next time
-                self._conn = None
-                raise
+            for attempt in (0, 1):
+                if self._conn is None:
+                    self._conn = Connection(self.dir)
+                try:
+                    self._conn.send({"op": op, "args": args})
+                except ConnectionLost:
+                    # Nothing was delivered: a serve that restarted, or an idle connection it
+                    # dropped. Reconnect once and send again.
+                    self._conn.close()
+                    self._conn = None
+                    if attempt:
+                        raise
+                    continue
+                try:
+                    while True:
+                        msg = self._conn.receive()
+                        if "progress" not in msg:
+                            return _result(msg)
+                except (ProtocolError, ConnectionLost):
+                    self._conn.close()  # framing may be lost: start afresh next time
+                    self._conn = None
+                    raise
+            raise AssertionError("unreachable")
 
     # -- the Store methods, checked on the way in
 
