@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,29 @@ class _Gen:
     stats: dict[int, list[int]] = field(default_factory=dict)
     last_seq: int = 0
     end_pos: tuple[int, int] = (0, 0)
+    nindexed: int = 0  # versions[:nindexed] are in `blocks` (built lazily: reads are rarer than writes)
+
+    def lookup(self, block: int, seq: int) -> Version | None:
+        """Newest pending version of `block` at or before `seq`."""
+        v = self.versions
+        if self.nindexed < len(v):
+            blocks = self.blocks
+            for i in range(self.nindexed, len(v)):
+                b, sq, loc, crc = v[i]
+                lst = blocks.get(b)
+                if lst is None:
+                    blocks[b] = [(sq, loc, crc)]
+                else:
+                    lst.append((sq, loc, crc))
+                    if sq < lst[-2][0]:  # baselines (keyed at the horizon) arrive after newer rows
+                        lst.sort()
+            self.nindexed = len(v)
+        lst = self.blocks.get(block)
+        if lst:
+            for ver in reversed(lst):
+                if ver[0] <= seq:
+                    return ver
+        return None
 
     def empty(self) -> bool:
         return not (self.versions or self.records or self.marks or self.unmarks or self.stats or self.last_seq)
@@ -313,16 +337,16 @@ class Store:
                 self._last_time = max(self._last_time, h.time_ns)
                 if h.kind in (Kind.WRITE, Kind.BASELINE):
                     key = h.aux if h.kind == Kind.BASELINE else h.seq
-                    for i in range(h.count):
-                        loc = make_loc(rec.segno, rec.data_off + i * bs)
-                        self._add_row(gen, h.block + i, key, loc, rec.crcs[i])
+                    loc0 = make_loc(rec.segno, rec.data_off)
+                    gen.versions.extend(
+                        zip(range(h.block, h.block + h.count), repeat(key), range(loc0, loc0 + h.count * bs, bs), rec.crcs)
+                    )
                     if h.kind == Kind.WRITE:
                         data = self.journal.pread(make_loc(rec.segno, rec.data_off), h.count * bs)
                         self._primary.pwrite(h.block * bs, data)
                         redo += 1
                 elif h.kind == Kind.ZERO:
-                    for i in range(h.count):
-                        self._add_row(gen, h.block + i, h.seq, ZERO_LOC, 0)
+                    gen.versions.extend(zip(range(h.block, h.block + h.count), repeat(h.seq), repeat(ZERO_LOC), repeat(0)))
                     self._primary.zero(h.block * bs, h.count * bs)
                     redo += 1
                 if h.kind != Kind.BASELINE:
@@ -362,16 +386,6 @@ class Store:
         self._state = st
 
     # index generations -------------------------------------------------------------------
-    def _add_row(self, gen: _Gen, block: int, seq: int, loc: int, crc: int) -> None:
-        gen.versions.append((block, seq, loc, crc))
-        lst = gen.blocks.get(block)
-        if lst is None:
-            gen.blocks[block] = [(seq, loc, crc)]
-        else:
-            lst.append((seq, loc, crc))
-            if seq < lst[-2][0]:  # baselines (keyed at the horizon) may arrive after newer rows
-                lst.sort()
-
     def _add_record(self, gen: _Gen, seq: int, t: int, kind: int, block: int, count: int, nbytes: int) -> None:
         if (
             self._map_id == 0
@@ -576,15 +590,17 @@ class Store:
         self._dirty = True
         bs = self.block_size
         gen = self._gen
+        base = make_loc(segno, start + HEADER_SIZE)
+        versions = gen.versions
         for kind, seq, t, b0, count, rel, crcs, aux in batch.recs:
             if kind == Kind.ZERO:
-                for i in range(count):
-                    self._add_row(gen, b0 + i, seq, ZERO_LOC, 0)
+                versions.extend(zip(range(b0, b0 + count), repeat(seq), repeat(ZERO_LOC), repeat(0)))
+            elif kind == Kind.MARK:
+                pass
             else:
-                dstart = start + rel + HEADER_SIZE + 4 * count
+                loc0 = base + rel + 4 * count
                 key = aux if kind == Kind.BASELINE else seq
-                for i in range(count):
-                    self._add_row(gen, b0 + i, key, make_loc(segno, dstart + i * bs), crcs[i])
+                versions.extend(zip(range(b0, b0 + count), repeat(key), range(loc0, loc0 + count * bs, bs), crcs))
             if kind != Kind.BASELINE:
                 self._add_record(gen, seq, t, kind, b0, count, count * bs)
             gen.last_seq = seq
@@ -641,11 +657,9 @@ class Store:
     def _version(self, block: int, seq: int) -> Version | None:
         """Newest version of `block` at or before `seq`: pending generations, then SQLite."""
         for gen in (self._gen, *reversed(self._frozen)):
-            lst = gen.blocks.get(block)
-            if lst:
-                for v in reversed(lst):
-                    if v[0] <= seq:
-                        return v
+            v = gen.lookup(block, seq)
+            if v is not None:
+                return v
         return self._db.newest(block, seq)
 
     def _read(self, seq: int | None, off: int, n: int) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 from conftest import Clock, Model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rewind.engine.errors import BadInput, PointError, ReadOnlyError
+from rewind.engine.errors import BadInput, Cancelled, PointError, ReadOnlyError
 from rewind.engine.store import Store
 
 BS = 512
@@ -150,7 +150,7 @@ def test_export_cancel_leaves_nothing(store: Store, tmp_path: Path) -> None:
     job = store.export("now", tmp_path / "out.img")
     it = iter(job)
     job.cancel()
-    with pytest.raises(Exception):
+    with pytest.raises(Cancelled):
         for _ in it:
             pass
     assert job.state == "cancelled"
