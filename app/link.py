@@ -1,0 +1,185 @@
+"""One face for a protection the console shows, whether the console opened it itself (Store) or a
+separate `rewind serve` holds it (RemoteStore over the control socket). No Qt here.
+
+Everything goes through the engine's public API; the console never touches a store's files.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rewind.engine.errors import BadInput, StoreLocked
+from rewind.engine.jobs import Job, Progress
+
+
+class RemoteView:
+    """A read-only view of a point of a store served elsewhere (reads over the control socket)."""
+
+    readonly = True
+
+    def __init__(self, remote: Any, seq: int, size: int, time_ns: int) -> None:
+        self.remote = remote
+        self.seq = seq
+        self.size = size
+        self.time_ns = time_ns
+
+    def read(self, off: int, n: int) -> bytes:
+        return bytes(self.remote.read_at(self.seq, off, n))
+
+
+class Link:
+    """The protection behind one volume view. `remote` says which kind it is."""
+
+    def __init__(self, store: Any, remote: bool = False) -> None:
+        self.store = store
+        self.remote = remote
+        self._info: dict[str, Any] = {}
+        self._info_lock = threading.Lock()
+        if remote:
+            self.refresh_info()
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, store_dir: str | Path) -> Link:
+        """Open a store; when a `rewind serve` holds it, attach to that process instead."""
+        from rewind.engine.store import Store
+
+        d = Path(store_dir)
+        if not d.exists():
+            raise BadInput(f"{d} does not exist: check the path, or protect an image to create it")
+        try:
+            return cls(Store.open(d))
+        except StoreLocked as locked:
+            try:
+                from rewind.engine.control import RemoteStore
+            except ImportError:
+                raise StoreLocked(
+                    f"{locked} (this version of Rewind cannot attach to a running serve: stop it first)"
+                ) from None
+            try:
+                remote = RemoteStore(d)
+                remote.ping()
+            except Exception as e:  # noqa: BLE001 - say both what happened and what to do
+                raise StoreLocked(
+                    f"{d} is held by another rewind process whose control socket does not answer ({e}): "
+                    "stop that process, then open the store again"
+                ) from e
+            return cls(remote, remote=True)
+
+    @classmethod
+    def create(cls, primary: str | Path, store_dir: str | Path, size: int | None = None) -> Link:
+        from rewind.engine.store import Store
+
+        return cls(Store.create(str(primary), str(store_dir), size=size))
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- facts ----------------------------------------------------------------------------------
+    def refresh_info(self) -> dict[str, Any]:
+        info = dict(self.store.info())
+        with self._info_lock:
+            self._info = info
+        return info
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.store.dir)
+
+    @property
+    def primary_path(self) -> str:
+        if self.remote:
+            return str(self._info.get("primary", ""))
+        return str(self.store.primary_path)
+
+    @property
+    def size(self) -> int:
+        return int(self._info["size"]) if self.remote else int(self.store.size)
+
+    @property
+    def block_size(self) -> int:
+        return int(self._info["block_size"]) if self.remote else int(self.store.block_size)
+
+    @property
+    def head(self) -> int:
+        if self.remote:
+            return int(self._info["head"]["seq"])
+        return int(self.store.head)
+
+    @property
+    def horizon(self) -> int:
+        if self.remote:
+            return int(self._info["horizon"]["seq"])
+        return int(self.store.horizon)
+
+    def point_time(self, seq: int) -> int:
+        return int(self.store.point_time(seq))
+
+    def at(self, seq: int) -> Any:
+        if self.remote:
+            return RemoteView(self.store, seq, self.size, self.point_time(seq))
+        return self.store.at(seq)
+
+    def seq_at_time(self, t_ns: int) -> int:
+        """The newest record at or before `t_ns` (binary search over record times: log n reads)."""
+        lo, hi = self.horizon, self.head
+        if t_ns >= self.point_time(hi):
+            return hi
+        if t_ns <= self.point_time(lo):
+            return lo
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.point_time(mid) <= t_ns:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    # -- pass-through ---------------------------------------------------------------------------
+    def marks(self) -> list[Any]:
+        return list(self.store.marks())
+
+    def mark(self, name: str) -> Any:
+        return self.store.mark(name)
+
+    def stats(self, since_ns: int | None = None) -> list[Any]:
+        return list(self.store.stats(since_ns=since_ns))
+
+    def info(self) -> dict[str, Any]:
+        return self.refresh_info() if self.remote else dict(self.store.info())
+
+    def changed_blocks(self, a: int, b: int) -> list[int]:
+        return list(self.store.changed_blocks(a, b))
+
+    def export(self, seq: int, out: str) -> Any:
+        return self.store.export(seq, out)
+
+    def verify(self) -> Any:
+        return self.store.verify()
+
+    def rewind(self, seq: int) -> Any:
+        if not self.remote:
+            return self.store.rewind(seq)
+        remote = self.store
+
+        def body(check: Callable[[], None]) -> Iterator[Progress]:
+            check()
+            yield Progress("rewind", 0, 1)
+            result = remote.rewind(seq)  # runs inside serve, which journals it
+            yield Progress("rewind", 1, 1)
+            if isinstance(result, dict):
+                return result.get("mark", result.get("name"))
+            return result
+
+        return Job("rewind", body)
+
+    def add_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
+        if not self.remote:
+            self.store.add_listener(fn)
+
+    def remove_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
+        if not self.remote:
+            self.store.remove_listener(fn)

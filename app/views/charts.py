@@ -1,0 +1,223 @@
+"""Charts of one volume's whole history (pyqtgraph, time on DateAxisItem): write rate in MB/s and
+writes/s, and the journal's size; the horizon, the marks and the slider's point as vertical
+lines; downsampling and clip-to-view so long histories stay cheap; a hover read-out."""
+
+from __future__ import annotations
+
+import bisect
+import time
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
+
+from ..format import human_bytes, human_time
+from ..theme import colors
+
+
+class StatSeries:
+    """Per-second rows, merged as snapshots arrive (the newest second is replaced as it grows)."""
+
+    def __init__(self) -> None:
+        self.t: list[int] = []
+        self.writes: list[int] = []
+        self.bytes: list[int] = []
+        self.journal: list[int] = []
+
+    def merge(self, rows: list[Any], reset: bool) -> None:
+        if reset:
+            self.__init__()  # type: ignore[misc]
+        for r in rows:
+            t = int(r.t)
+            if self.t and t <= self.t[-1]:
+                i = bisect.bisect_left(self.t, t)
+                if i < len(self.t) and self.t[i] == t:
+                    self.writes[i], self.bytes[i], self.journal[i] = int(r.writes), int(r.bytes), int(r.journal_bytes)
+                    continue
+                continue  # older than what we have and not a known second: ignore
+            self.t.append(t)
+            self.writes.append(int(r.writes))
+            self.bytes.append(int(r.bytes))
+            self.journal.append(int(r.journal_bytes))
+
+    def arrays(self, until: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """x (s), MB/s, writes/s, journal MiB with zeros filled into quiet gaps (rows exist only
+        for seconds with writes) so the rate drops to zero between bursts."""
+        if not self.t:
+            return (np.zeros(0),) * 4  # type: ignore[return-value]
+        t = np.asarray(self.t, dtype=np.float64)
+        w = np.asarray(self.writes, dtype=np.float64)
+        b = np.asarray(self.bytes, dtype=np.float64) / 1e6
+        j = np.asarray(self.journal, dtype=np.float64) / 2**20
+        gaps = np.nonzero(np.diff(t) > 1)[0]
+        if len(gaps):
+            # a zero just after each burst and just before the next one
+            gt = np.concatenate([t[gaps] + 1, t[gaps + 1] - 1])
+            gj = np.concatenate([j[gaps], j[gaps]])
+            t = np.concatenate([t, gt])
+            w = np.concatenate([w, np.zeros(len(gt))])
+            b = np.concatenate([b, np.zeros(len(gt))])
+            j = np.concatenate([j, gj])
+            order = np.argsort(t, kind="stable")
+            t, w, b, j = t[order], w[order], b[order], j[order]
+        if until is not None and until > t[-1] + 1:
+            t = np.append(t, [t[-1] + 1, until])
+            w = np.append(w, [0, 0])
+            b = np.append(b, [0, 0])
+            j = np.append(j, [j[-1], j[-1]])
+        return t, b, w, j
+
+
+class Charts(QWidget):
+    """Write rate (MB/s with writes/s on a right axis) above journal size, sharing the time axis."""
+
+    markClicked = Signal(int)  # seq
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        c = colors()
+        self.series = StatSeries()
+        self.glw = pg.GraphicsLayoutWidget()
+        self.glw.setMinimumHeight(220)
+        self.glw.ci.setContentsMargins(4, 4, 4, 4)
+        self.glw.ci.setSpacing(2)
+        self.rate_plot = self.glw.addPlot(row=0, col=0, axisItems={"bottom": pg.DateAxisItem()})
+        self.journal_plot = self.glw.addPlot(row=1, col=0, axisItems={"bottom": pg.DateAxisItem()})
+        self.glw.ci.layout.setRowStretchFactor(0, 3)
+        self.glw.ci.layout.setRowStretchFactor(1, 2)
+        for p in (self.rate_plot, self.journal_plot):
+            p.setDownsampling(auto=True, mode="peak")
+            p.setClipToView(True)
+            p.showGrid(x=True, y=True, alpha=0.15)
+            p.setMenuEnabled(False)
+            p.getAxis("left").setWidth(52)
+            p.setMouseEnabled(x=True, y=False)
+        self.journal_plot.setXLink(self.rate_plot)
+        self.rate_plot.hideAxis("bottom")
+        self.rate_plot.setLabel("left", "MB/s")
+        self.journal_plot.setLabel("left", "journal MiB")
+        self.rate_plot.setTitle("Writes", color=c.muted, size="9pt")
+        self.rate_plot.addLegend(offset=(8, 4), labelTextSize="8pt", brush=pg.mkBrush(c.background + "cc"))
+        self.rate_curve = self.rate_plot.plot(
+            pen=pg.mkPen(c.rate, width=1.5), fillLevel=0, brush=pg.mkBrush(QColor(c.rate).lighter(150).name() + "50"),
+            name="MB/s")
+        # writes/s on its own right-hand axis (a second ViewBox linked in x)
+        self.ops_view = pg.ViewBox()
+        self.rate_plot.showAxis("right")
+        self.rate_plot.scene().addItem(self.ops_view)
+        self.rate_plot.getAxis("right").linkToView(self.ops_view)
+        self.rate_plot.getAxis("right").setLabel("writes/s")
+        self.ops_view.setXLink(self.rate_plot)
+        self.ops_view.setMouseEnabled(x=False, y=False)
+        self.ops_curve = pg.PlotDataItem(pen=pg.mkPen(c.ops, width=1.2, style=Qt.PenStyle.DotLine))
+        self.ops_curve.setDownsampling(auto=True, method="peak")
+        self.ops_curve.setClipToView(True)
+        self.ops_view.addItem(self.ops_curve)
+        self.rate_plot.legend.addItem(self.ops_curve, "writes/s")
+        self.rate_plot.vb.sigResized.connect(self._sync_views)
+        self.journal_plot.getAxis("right").setWidth(52)
+        self.journal_plot.showAxis("right")
+        self.journal_plot.getAxis("right").setStyle(showValues=False)
+        self.journal_curve = self.journal_plot.plot(pen=pg.mkPen(c.journal, width=1.8), fillLevel=0,
+                                                    brush=pg.mkBrush(QColor(c.journal).name() + "30"))
+        self.horizon_lines = [self._vline(p, c.horizon, "horizon", Qt.PenStyle.DashLine) for p in self._plots()]
+        self.cursor_lines = [self._vline(p, c.cursor, "", Qt.PenStyle.SolidLine, width=2) for p in self._plots()]
+        self.mark_lines: list[pg.InfiniteLine] = []
+        self._marks: list[Any] = []
+        self.readout = QLabel(" ")
+        self.readout.setObjectName("muted")
+        self.readout.setAlignment(Qt.AlignmentFlag.AlignRight)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setSpacing(0)
+        lay.addWidget(self.glw)
+        lay.addWidget(self.readout)
+        self._hover = pg.SignalProxy(self.glw.scene().sigMouseMoved, rateLimit=30, slot=self._on_hover)
+        self._follow = True
+        self._span: tuple[float, float] | None = None
+
+    def _plots(self) -> list[Any]:
+        return [self.rate_plot, self.journal_plot]
+
+    def _vline(self, plot: Any, color: str, label: str, style: Qt.PenStyle, width: float = 1.2) -> pg.InfiniteLine:
+        line = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen(color, width=width, style=style))
+        if label:
+            line.label = pg.InfLineLabel(line, text=label, position=0.92, color=color, anchors=[(0, 0), (0, 0)])
+        line.setVisible(False)
+        plot.addItem(line, ignoreBounds=True)
+        return line
+
+    def _sync_views(self) -> None:
+        self.ops_view.setGeometry(self.rate_plot.vb.sceneBoundingRect())
+        self.ops_view.linkedViewChanged(self.rate_plot.vb, self.ops_view.XAxis)
+
+    # -- data ----------------------------------------------------------------------------------
+    def update_stats(self, rows: list[Any], reset: bool, horizon_t: float, head_t: float) -> None:
+        self.series.merge(rows, reset)
+        now = max(time.time(), head_t)
+        x, mb, ops, journal = self.series.arrays(until=now)
+        self.rate_curve.setData(x, mb)
+        self.ops_curve.setData(x, ops)
+        self.journal_curve.setData(x, journal)
+        if len(ops):
+            self.ops_view.setYRange(0, max(1.0, float(ops.max()) * 1.1), padding=0)
+        for line in self.horizon_lines:
+            line.setPos(horizon_t)
+            line.setVisible(True)
+        lo = min(horizon_t, float(x[0]) if len(x) else horizon_t)
+        span = (lo - 1, now + 1)
+        if self._follow and span != self._span:
+            self.rate_plot.setXRange(*span, padding=0.02)
+        self._span = span
+
+    def set_marks(self, marks: list[Any]) -> None:
+        key = [(m.name, m.seq) for m in marks]
+        if key == [(m.name, m.seq) for m in self._marks]:
+            return
+        self._marks = list(marks)
+        for line in self.mark_lines:
+            line.getViewBox() and line.getViewBox().removeItem(line)
+        self.mark_lines.clear()
+        c = colors()
+        for m in marks[-200:]:  # the newest 200 marks as lines; all of them stay on the timeline
+            for i, plot in enumerate(self._plots()):
+                line = pg.InfiniteLine(pos=m.time_ns / 1e9, angle=90, movable=False,
+                                       pen=pg.mkPen(c.mark, width=1, style=Qt.PenStyle.DashLine))
+                if i == 0 and len(marks) <= 40:
+                    pg.InfLineLabel(line, text=m.name, position=0.78, rotateAxis=(1, 0), anchor=(1, 1),
+                                    color=c.mark)
+                plot.addItem(line, ignoreBounds=True)
+                self.mark_lines.append(line)
+
+    def set_cursor(self, t_s: float | None) -> None:
+        for line in self.cursor_lines:
+            if t_s is None:
+                line.setVisible(False)
+            else:
+                line.setPos(t_s)
+                line.setVisible(True)
+
+    # -- hover read-out --------------------------------------------------------------------------
+    def _on_hover(self, evt: tuple[Any, ...]) -> None:
+        pos = evt[0]
+        for plot in self._plots():
+            if plot.sceneBoundingRect().contains(pos):
+                x = plot.vb.mapSceneToView(pos).x()
+                self.readout.setText(self.readout_at(x))
+                return
+
+    def readout_at(self, x: float) -> str:
+        s = self.series
+        if not s.t:
+            return "no writes yet"
+        sec = int(x)
+        i = bisect.bisect_left(s.t, sec)
+        when = human_time(sec * 10**9)
+        if i < len(s.t) and s.t[i] == sec:
+            return (f"{when}   {s.bytes[i] / 1e6:.2f} MB/s   {s.writes[i]} writes/s   "
+                    f"journal {human_bytes(s.journal[i])}")
+        journal = s.journal[i - 1] if i > 0 else 0
+        return f"{when}   idle   journal {human_bytes(journal)}"

@@ -1,0 +1,267 @@
+"""The timeline: a slider from the horizon to now with the write density drawn under it and the
+marks as ticks you can click. Drag or click anywhere to pick a time; Left/Right step one record,
+PageUp/PageDown (or Ctrl+Left/Right) jump mark to mark, Home/End go to the horizon/now."""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import numpy as np
+from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
+from PySide6.QtGui import QColor, QKeyEvent, QMouseEvent, QPainter, QPainterPath, QPaintEvent, QPen
+from PySide6.QtWidgets import QSizePolicy, QToolTip, QWidget
+
+from ..theme import colors
+
+MARGIN = 14
+TICK_ZONE = 14  # mark ticks live above the track
+TRACK_H = 34
+
+
+class Timeline(QWidget):
+    """Picks a point in time. Emits timeRequested(ns) while dragging, seqRequested(seq) for
+    keyboard steps and mark clicks; the owner answers with set_point() once it knows the seq."""
+
+    timeRequested = Signal(object)  # ns (int; may exceed 2**31, hence object)
+    seqRequested = Signal(object)  # seq
+    nowRequested = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+        self.setMouseTracking(True)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.setAccessibleName("Timeline")
+        self.t_min = 0
+        self.t_max = 1
+        self.horizon_seq = 0
+        self.head_seq = 0
+        self.seq = 0
+        self.t_point = 0
+        self.at_now = True
+        self.marks: list[Any] = []
+        self._mark_times: list[int] = []
+        self.density = np.zeros(0)
+        self._density_src: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
+        self._dragging = False
+
+    def sizeHint(self) -> QSize:
+        return QSize(600, TRACK_H + TICK_ZONE + 10)
+
+    def minimumSizeHint(self) -> QSize:
+        return QSize(200, TRACK_H + TICK_ZONE + 10)
+
+    # -- model ----------------------------------------------------------------------------------
+    def set_range(self, horizon_seq: int, head_seq: int, t_min: int, t_max: int) -> None:
+        self.horizon_seq, self.head_seq = horizon_seq, head_seq
+        self.t_min, self.t_max = t_min, max(t_max, t_min + 1)
+        if self.at_now:
+            self.seq, self.t_point = head_seq, self.t_max
+        self._rebin()
+        self.update()
+
+    def set_marks(self, marks: list[Any]) -> None:
+        self.marks = sorted(marks, key=lambda m: m.seq)
+        self._mark_times = [int(m.time_ns) for m in self.marks]
+        self.update()
+
+    def set_density(self, t_s: np.ndarray, writes: np.ndarray) -> None:
+        """Per-second write counts (x in seconds) to draw under the track."""
+        self._density_src = (t_s, writes)
+        self._rebin()
+        self.update()
+
+    def set_point(self, seq: int, t_ns: int, at_now: bool | None = None) -> None:
+        """Where the handle is: the resolved record and its time."""
+        self.seq, self.t_point = seq, t_ns
+        if at_now is not None:
+            self.at_now = at_now
+        self.update()
+
+    def _rebin(self) -> None:
+        t_s, writes = self._density_src
+        bins = max(10, (self.width() - 2 * MARGIN) // 3)
+        if not len(t_s):
+            self.density = np.zeros(bins)
+            return
+        lo, hi = self.t_min / 1e9, self.t_max / 1e9
+        if hi <= lo:
+            hi = lo + 1
+        hist, _ = np.histogram(t_s, bins=bins, range=(lo, hi), weights=writes)
+        peak = hist.max() if hist.size else 0
+        self.density = np.sqrt(hist / peak) if peak > 0 else hist
+
+    # -- geometry -------------------------------------------------------------------------------
+    def _track(self) -> QRectF:
+        return QRectF(MARGIN, TICK_ZONE, self.width() - 2 * MARGIN, TRACK_H)
+
+    def x_of(self, t_ns: int) -> float:
+        tr = self._track()
+        f = (t_ns - self.t_min) / max(1, self.t_max - self.t_min)
+        return tr.left() + max(0.0, min(1.0, f)) * tr.width()
+
+    def t_of(self, x: float) -> int:
+        tr = self._track()
+        f = (x - tr.left()) / max(1.0, tr.width())
+        f = max(0.0, min(1.0, f))
+        return int(self.t_min + f * (self.t_max - self.t_min))
+
+    def mark_near(self, x: float, y: float, tol: float = 6.0) -> Any:
+        if y > TICK_ZONE + TRACK_H * 0.35:
+            return None
+        best, best_d = None, tol
+        for m in self.marks:
+            d = abs(self.x_of(int(m.time_ns)) - x)
+            if d <= best_d:
+                best, best_d = m, d
+        return best
+
+    # -- painting -------------------------------------------------------------------------------
+    def resizeEvent(self, event: Any) -> None:
+        self._rebin()
+        super().resizeEvent(event)
+
+    def paintEvent(self, event: QPaintEvent) -> None:
+        c = colors()
+        p = QPainter(self)
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        tr = self._track()
+        path = QPainterPath()
+        path.addRoundedRect(tr, 6, 6)
+        p.fillPath(path, QColor(c.background))
+        p.setPen(QPen(self.palette().mid().color(), 1))
+        p.drawPath(path)
+        # write density
+        if self.density.size:
+            bw = tr.width() / self.density.size
+            color = QColor(c.rate)
+            color.setAlpha(150)
+            for i, v in enumerate(self.density):
+                if v <= 0:
+                    continue
+                h = max(1.5, float(v) * (tr.height() - 6))
+                p.fillRect(QRectF(tr.left() + i * bw, tr.bottom() - 3 - h, max(1.0, bw - 0.5), h), color)
+        # marks
+        mark_color = QColor(c.mark)
+        p.setPen(QPen(mark_color, 1.4))
+        for m in self.marks:
+            x = self.x_of(int(m.time_ns))
+            p.drawLine(QPointF(x, TICK_ZONE - 2), QPointF(x, tr.bottom()))
+            tri = QPainterPath()
+            tri.moveTo(x - 5, 2)
+            tri.lineTo(x + 5, 2)
+            tri.lineTo(x, TICK_ZONE - 2)
+            tri.closeSubpath()
+            p.fillPath(tri, mark_color)
+        # handle
+        x = self.x_of(self.t_point)
+        accent = QColor(c.cursor)
+        p.setPen(QPen(accent, 2.5))
+        p.drawLine(QPointF(x, tr.top() - 2), QPointF(x, tr.bottom() + 2))
+        p.setBrush(accent)
+        p.setPen(QPen(QColor(c.background), 2))
+        p.drawEllipse(QPointF(x, tr.center().y()), 7, 7)
+        if self.hasFocus():
+            p.setPen(QPen(QColor(c.accent), 1, Qt.PenStyle.DotLine))
+            p.setBrush(Qt.BrushStyle.NoBrush)
+            p.drawRoundedRect(tr.adjusted(-3, -3, 3, 3), 8, 8)
+        p.end()
+
+    # -- mouse ----------------------------------------------------------------------------------
+    def mousePressEvent(self, event: QMouseEvent) -> None:
+        if event.button() != Qt.MouseButton.LeftButton:
+            return
+        pos = event.position()
+        m = self.mark_near(pos.x(), pos.y())
+        if m is not None:
+            self.jump_to_mark(m)
+            return
+        self._dragging = True
+        self._drag_to(pos.x())
+
+    def mouseMoveEvent(self, event: QMouseEvent) -> None:
+        pos = event.position()
+        if self._dragging:
+            self._drag_to(pos.x())
+            return
+        m = self.mark_near(pos.x(), pos.y())
+        if m is not None:
+            QToolTip.showText(event.globalPosition().toPoint(), f"mark: {m.name}\nclick to go there", self)
+            self.setCursor(Qt.CursorShape.PointingHandCursor)
+        else:
+            self.unsetCursor()
+
+    def mouseReleaseEvent(self, event: QMouseEvent) -> None:
+        if self._dragging:
+            self._dragging = False
+            self._drag_to(event.position().x())
+
+    def _drag_to(self, x: float) -> None:
+        tr = self._track()
+        if x >= tr.right() - 1:
+            self.at_now = True
+            self.t_point = self.t_max
+            self.update()
+            self.nowRequested.emit()
+            return
+        self.at_now = False
+        self.t_point = self.t_of(x)
+        self.update()
+        self.timeRequested.emit(self.t_point)
+
+    def jump_to_mark(self, m: Any) -> None:
+        self.at_now = False
+        self.seq, self.t_point = int(m.seq), int(m.time_ns)
+        self.update()
+        self.seqRequested.emit(int(m.seq))
+
+    # -- keyboard -------------------------------------------------------------------------------
+    def step(self, n: int) -> None:
+        """Move n records (negative: back)."""
+        seq = max(self.horizon_seq, min(self.head_seq, self.seq + n))
+        self.at_now = seq >= self.head_seq
+        self.seq = seq
+        self.seqRequested.emit(seq)
+
+    def step_mark(self, direction: int) -> None:
+        """To the previous (-1) or next (+1) mark from the handle."""
+        seqs = [int(m.seq) for m in self.marks]
+        if direction < 0:
+            i = bisect.bisect_left(seqs, self.seq) - 1
+            if i >= 0:
+                self.jump_to_mark(self.marks[i])
+        else:
+            i = bisect.bisect_right(seqs, self.seq)
+            if i < len(seqs):
+                self.jump_to_mark(self.marks[i])
+            else:
+                self.go_now()
+
+    def go_now(self) -> None:
+        self.at_now = True
+        self.seq, self.t_point = self.head_seq, self.t_max
+        self.update()
+        self.nowRequested.emit()
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:
+        key = event.key()
+        ctrl = bool(event.modifiers() & (Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier))
+        if key in (Qt.Key.Key_Left, Qt.Key.Key_Right):
+            d = -1 if key == Qt.Key.Key_Left else 1
+            if ctrl:
+                self.step_mark(d)
+            else:
+                self.step(d)
+        elif key == Qt.Key.Key_PageUp:
+            self.step_mark(-1)
+        elif key == Qt.Key.Key_PageDown:
+            self.step_mark(1)
+        elif key == Qt.Key.Key_Home:
+            self.at_now = False
+            self.seq = self.horizon_seq
+            self.seqRequested.emit(self.horizon_seq)
+        elif key == Qt.Key.Key_End:
+            self.go_now()
+        else:
+            super().keyPressEvent(event)

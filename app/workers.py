@@ -1,0 +1,428 @@
+"""The engine, bridged to Qt signals. One VolumeWorker per protection owns its store in a thread
+of its own (opening, refreshing, previews, marks, serving); long jobs (export, rewind, verify) run
+in a second thread of the same volume so previews stay live while a job runs. The GUI thread
+only posts requests and receives signals: it never waits on disk.
+
+Preview requests carry a generation number; a request that is no longer the newest when the
+worker reaches it is skipped, and a result that arrives late is dropped by the view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+
+from .link import Link
+from .preview import Preview, PreviewBuilder
+
+
+@dataclass
+class Snapshot:
+    """What the volume view shows besides the preview: refreshed about once a second."""
+
+    head: int
+    horizon: int
+    head_time: int
+    horizon_time: int
+    marks: list[Any]
+    stats: list[Any]  # new StatRows since the last snapshot (the first one holds the whole history)
+    stats_reset: bool
+    journal_bytes: int
+    records: int
+    served: str  # "" or the NBD URI
+    connections: int
+    remote: bool
+    primary: str
+    size: int
+    block_size: int
+    demo: dict[str, Any] = field(default_factory=dict)
+
+
+class _Runner(QObject):
+    """Runs callables posted from other threads, in the thread it lives in."""
+
+    @Slot(object)
+    def run(self, fn: Callable[[], None]) -> None:
+        fn()
+
+
+class _Lane(QObject):
+    """A thread plus a runner: post(fn) runs fn there, in order."""
+
+    post = Signal(object)
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.thread = QThread()
+        self.thread.setObjectName(name)
+        self.runner = _Runner()
+        self.runner.moveToThread(self.thread)
+        self.post.connect(self.runner.run)
+        self.thread.start()
+
+    def stop(self, timeout_ms: int = 30000) -> bool:
+        self.thread.quit()
+        return bool(self.thread.wait(timeout_ms))
+
+
+def describe(e: BaseException) -> str:
+    """A one-line description of an error: engine errors already say what to do."""
+    msg = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.errno == 28:
+        return f"The disk is full ({e.filename or 'no space left'}): free some space, then try again."
+    if isinstance(e, FileNotFoundError):
+        return f"{e.filename or msg} is missing: it was moved or deleted. Put it back, or open another protection."
+    return msg
+
+
+class VolumeWorker(QObject):
+    """The console's side of one protection. Methods are called from the GUI thread; they post
+    work to this volume's threads and answer through signals."""
+
+    opened = Signal(object)  # Snapshot
+    failed = Signal(str, object)  # what was being done, exception
+    snapshot = Signal(object)  # Snapshot
+    previewReady = Signal(int, object)  # generation, Preview
+    previewFailed = Signal(int, object)  # generation, exception
+    fileReady = Signal(str, object, object)  # purpose, path, bytes
+    confirmInfo = Signal(int, object)  # seq, {"blocks": n, "bytes": n}
+    marked = Signal(object)  # Mark
+    jobStarted = Signal(str)
+    jobProgress = Signal(str, object)  # kind, Progress
+    jobDone = Signal(str, object)  # kind, result
+    jobFailed = Signal(str, object)  # kind, exception (Cancelled when cancelled)
+    engineEvent = Signal(str, object)  # engine listener events, bridged
+    serveChanged = Signal(str)  # "" stopped, else the URI
+    closed = Signal()
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.link: Link | None = None
+        self.builder: PreviewBuilder | None = None
+        self.lane = _Lane(f"rewind-volume-{name}")
+        self.job_lane = _Lane(f"rewind-job-{name}")
+        self.preview_gen = 0
+        self.job: Any = None
+        self.job_kind = ""
+        self.server: Any = None
+        self.demo: Any = None  # DemoWorkload when this is the demo
+        self.demo_log: Any = None
+        self._stats_last_t: int | None = None
+        self._closing = False
+        self._listener = self._on_engine_event
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _guard(self, what: str, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            if self._closing and what not in ("close", "stop-serve"):
+                return
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - reported, never fatal
+                e.__rewind_traceback__ = traceback.format_exc()  # type: ignore[attr-defined]
+                self.failed.emit(what, e)
+        return run
+
+    def _post(self, what: str, fn: Callable[[], None]) -> None:
+        self.lane.post.emit(self._guard(what, fn))
+
+    def _on_engine_event(self, kind: str, data: dict[str, Any]) -> None:
+        self.engineEvent.emit(kind, dict(data))
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """Between two operations of the demo workload (no-op otherwise)."""
+        demo = self.demo
+        if demo is not None and demo.is_alive():
+            with demo.paused():
+                yield
+        else:
+            yield
+
+    # -- opening --------------------------------------------------------------------------------
+    def open(self, store_dir: str) -> None:
+        self._post("open", lambda: self._opened(Link.open(store_dir)))
+
+    def create(self, primary: str, store_dir: str, size: int | None) -> None:
+        self._post("create", lambda: self._opened(Link.create(primary, store_dir, size)))
+
+    def create_demo(self, root: str | None = None, interval: float = 0.15, seed: int | None = None) -> None:
+        def run() -> None:
+            from .demo import DemoLog, create_demo_store
+
+            store = create_demo_store(Path(root) if root else None)
+            self.demo_log = DemoLog()
+            self._opened(Link(store))
+            self.start_demo(interval=interval, seed=seed)
+        self._post("demo", run)
+
+    def _opened(self, link: Link) -> None:
+        self.link = link
+        self.builder = PreviewBuilder(link)
+        link.add_listener(self._listener)
+        self.opened.emit(self._snapshot())
+
+    # -- demo workload --------------------------------------------------------------------------
+    def start_demo(self, interval: float = 0.15, seed: int | None = None) -> None:
+        """(Re)start the demo workload on the demo volume (worker thread or GUI thread)."""
+        from .demo import DemoLog, DemoWorkload
+
+        if self.link is None or self._closing:
+            return
+        if self.demo_log is None:
+            self.demo_log = DemoLog()
+        if self.demo is not None and self.demo.is_alive():
+            return
+
+        def on_error(e: BaseException) -> None:
+            self.failed.emit("demo", e)
+
+        self.demo = DemoWorkload(self.link.store, self.demo_log, seed=seed, interval=interval,
+                                 on_error=on_error)
+        self.demo.start()
+
+    def stop_demo(self) -> None:
+        if self.demo is not None:
+            self.demo.stop()
+
+    @property
+    def demo_running(self) -> bool:
+        return self.demo is not None and self.demo.is_alive()
+
+    # -- refresh --------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        self._post("refresh", lambda: self.snapshot.emit(self._snapshot()))
+
+    def _snapshot(self) -> Snapshot:
+        link = self.link
+        assert link is not None
+        info = link.info() if link.remote else {}
+        reset = self._stats_last_t is None
+        since = None if reset else self._stats_last_t * 10**9  # type: ignore[operator]
+        rows = link.stats(since_ns=since)
+        if rows:
+            self._stats_last_t = int(rows[-1].t)
+        elif reset:
+            self._stats_last_t = 0
+        head, horizon = link.head, link.horizon
+        journal = int(rows[-1].journal_bytes) if rows else -1
+        if link.remote:
+            journal = int(info.get("journal_bytes", journal))
+        demo: dict[str, Any] = {}
+        if self.demo is not None:
+            demo = {"running": self.demo.is_alive(), "ops": self.demo.ops, "files": len(self.demo.files)}
+        return Snapshot(
+            head=head, horizon=horizon, head_time=link.point_time(head), horizon_time=link.point_time(horizon),
+            marks=link.marks(), stats=rows, stats_reset=reset, journal_bytes=journal, records=head,
+            served=self.server.uri if self.server is not None else "",
+            connections=int(getattr(self.server, "connections", 0)) if self.server is not None else 0,
+            remote=link.remote, primary=link.primary_path, size=link.size, block_size=link.block_size,
+            demo=demo,
+        )
+
+    # -- previews -------------------------------------------------------------------------------
+    def request_preview(self, target: tuple[str, int]) -> int:
+        """Ask for the preview at ("seq", n), ("time", ns) or ("now", 0); returns its generation."""
+        self.preview_gen += 1
+        gen = self.preview_gen
+
+        def run() -> None:
+            if gen != self.preview_gen or self.link is None or self.builder is None:
+                return  # a newer request is queued: skip this one
+            try:
+                link = self.link
+                with self._quiet():
+                    head = link.head
+                    kind, value = target
+                    if kind == "seq":
+                        seq = max(link.horizon, min(int(value), head))
+                    elif kind == "time":
+                        seq = link.seq_at_time(int(value))
+                    else:
+                        seq = head
+                    if gen != self.preview_gen:
+                        return
+                    # the tree "now" is read at `head` so the comparison is consistent
+                    preview = self.builder.build(seq, head)
+            except Exception as e:  # noqa: BLE001
+                self.previewFailed.emit(gen, e)
+                return
+            if gen == self.preview_gen:
+                self.previewReady.emit(gen, preview)
+
+        self.lane.post.emit(run)
+        return gen
+
+    def read_file(self, purpose: str, seq: int, path: str, limit: int | None = None) -> None:
+        def run() -> None:
+            assert self.builder is not None
+            self.fileReady.emit(purpose, path, self.builder.read_file(seq, path, limit))
+        self._post("read-file", run)
+
+    def save_file(self, seq: int, path: str, dest: str) -> None:
+        """Restore one file as it was at `seq` into `dest` (written beside, then renamed)."""
+        def run() -> None:
+            assert self.builder is not None
+            data = self.builder.read_file(seq, path)
+            tmp = Path(dest).with_name(f".{Path(dest).name}.rewind-partial")
+            try:
+                tmp.write_bytes(data)
+                tmp.replace(dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+            self.fileReady.emit("saved", dest, len(data))
+        self._post("save-file", run)
+
+    def confirm_rewind_info(self, seq: int) -> None:
+        """How much a rewind to `seq` would change (for the confirmation dialog)."""
+        def run() -> None:
+            assert self.link is not None
+            blocks = self.link.changed_blocks(seq, self.link.head)
+            self.confirmInfo.emit(seq, {"blocks": len(blocks), "bytes": len(blocks) * self.link.block_size})
+        self._post("rewind-check", run)
+
+    # -- actions --------------------------------------------------------------------------------
+    def mark(self, name: str) -> None:
+        def run() -> None:
+            assert self.link is not None
+            with self._quiet():
+                m = self.link.mark(name)
+            self.marked.emit(m)
+            self.snapshot.emit(self._snapshot())
+        self._post("mark", run)
+
+    def start_serve(self, address: str = "unix:") -> None:
+        def run() -> None:
+            from rewind.engine.frontends.nbd.server import NbdServer
+
+            assert self.link is not None and not self.link.remote
+            if self.server is None:
+                self.server = NbdServer(self.link.store, address).start()
+            self.serveChanged.emit(self.server.uri)
+        self._post("serve", run)
+
+    def stop_serve(self) -> None:
+        def run() -> None:
+            srv, self.server = self.server, None
+            if srv is not None:
+                srv.stop()
+            self.serveChanged.emit("")
+        self._post("stop-serve", run)
+
+    # -- jobs -----------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+    def run_job(self, kind: str, make: Callable[[Link], Any], before: Callable[[], None] | None = None,
+                after: Callable[[], None] | None = None) -> None:
+        """Run a job (export/rewind/verify) in the job thread, reporting progress as signals."""
+        if self.job is not None:
+            raise RuntimeError(f"{self.job_kind} is still running")
+        self.job_kind = kind
+        self.job = "starting"
+
+        def run() -> None:
+            try:
+                if before is not None:
+                    before()
+                assert self.link is not None
+                job = make(self.link)
+                self.job = job
+                if self._cancel_requested:
+                    job.cancel()
+                self.jobStarted.emit(kind)
+                for ev in job:
+                    self.jobProgress.emit(kind, ev)
+                result = job.result
+            except Exception as e:  # noqa: BLE001 - Cancelled included: the view tells them apart
+                e.__rewind_traceback__ = traceback.format_exc()  # type: ignore[attr-defined]
+                self.job = None
+                self._cancel_requested = False
+                if after is not None:
+                    with contextlib.suppress(Exception):
+                        after()
+                self.jobFailed.emit(kind, e)
+                return
+            self.job = None
+            self._cancel_requested = False
+            if after is not None:
+                with contextlib.suppress(Exception):
+                    after()
+            self.jobDone.emit(kind, result)
+
+        self._cancel_requested = False
+        self.job_lane.post.emit(run)
+
+    _cancel_requested = False
+
+    def cancel_job(self) -> None:
+        """Ask the running job to stop at its next safe point (it removes what it was writing)."""
+        self._cancel_requested = True
+        job = self.job
+        if job is not None and not isinstance(job, str):
+            job.cancel()
+
+    def export(self, seq: int, out: str) -> None:
+        self.run_job("export", lambda link: link.export(seq, out))
+
+    def verify(self) -> None:
+        self.run_job("verify", lambda link: link.verify())
+
+    def rewind(self, seq: int) -> None:
+        """Rewind; the demo workload pauses around it (its in-memory filesystem state would be stale)."""
+        restart = self.demo_running
+
+        def before() -> None:
+            self.stop_demo()
+
+        def after() -> None:
+            if restart:
+                self.start_demo(interval=self.demo.interval if self.demo is not None else 0.15)
+
+        self.run_job("rewind", lambda link: link.rewind(seq), before=before, after=after)
+
+    # -- closing --------------------------------------------------------------------------------
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop everything this volume runs (job, demo, server), close the store, end the threads.
+        Blocks the caller until done (used when a volume or the window closes)."""
+        self.cancel_job()
+        self._closing = True
+        self.stop_demo()
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                srv, self.server = self.server, None
+                if srv is not None:
+                    with contextlib.suppress(Exception):
+                        srv.stop()
+                if self.link is not None:
+                    with contextlib.suppress(Exception):
+                        self.link.remove_listener(self._listener)
+                    self.link.close()
+            finally:
+                done.set()
+
+        # the job thread first: a cancelled job cleans up before the store closes
+        self.job_lane.stop(int(timeout_s * 1000))
+        self.lane.post.emit(self._guard("close", run))
+        deadline = time.monotonic() + timeout_s
+        while not done.is_set() and time.monotonic() < deadline:
+            done.wait(0.05)
+        self.lane.stop(int(timeout_s * 1000))
+        self.closed.emit()
+
+
+def preview_files(preview: Preview) -> dict[str, str]:
+    """Path -> digest of the files present at the preview's point (for tests and tools)."""
+    return preview.files()
