@@ -479,8 +479,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for p in problems:
         _out(f"{_describe_problem(p)}")
     if problems:
-        _err(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} found in {args.dir}; "
-             "export what you need from points before them, then see docs/format.md")
+        _err(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} found in {args.dir} (listed above): "
+             "points that need the damaged data cannot be read; export the points you need that still can")
         return 1
     _out(f"ok: {args.dir}: every checksum and map entry verified")
     return 0

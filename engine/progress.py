@@ -58,6 +58,19 @@ def human_duration(s: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+# Phases whose Progress counts bytes (export, the journal scan of verify); others count items
+# (blocks, map entries), shown as a plain rate.
+BYTE_PHASES = frozenset({"export", "journal", "copy", "read", "write", "compact"})
+
+
+def human_count(n: float) -> str:
+    """12345 -> '12.3k': item rates (blocks, entries) at a glance."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
 class ProgressBar:
     """Draws `label [#####.....] 42%  12.3 MiB/s  ETA 8s` on one line, redrawn in place."""
 
@@ -81,7 +94,8 @@ class ProgressBar:
             rate = ev.done / max(time.monotonic() - self._start, 1e-9)
         eta = (ev.total - ev.done) / rate if rate > 0 and ev.total > ev.done else 0.0
         phase = f" {ev.phase}" if ev.phase and ev.phase != self.label else ""
-        tail = f" {frac * 100:5.1f}%  {human_bytes(rate)}/s  ETA {human_duration(eta)}"
+        speed = human_bytes(rate) if ev.phase in BYTE_PHASES else human_count(rate)
+        tail = f" {frac * 100:5.1f}%  {speed}/s  ETA {human_duration(eta)}"
         head = f"{self.label}{phase} "
         bar_w = max(10, width - len(head) - len(tail) - 3)
         fill = int(frac * bar_w)

@@ -281,3 +281,84 @@ def test_serve_stops_cleanly_on_sigint(tmp_path: Path) -> None:
     assert not (tmp_path / "s" / "nbd.sock").exists() and not (tmp_path / "s" / "control.sock").exists()
     r = subprocess.run([*REWIND, "log", "s", "--json"], cwd=tmp_path, capture_output=True, text=True)
     assert [m["name"] for m in json.loads(r.stdout)["marks"]] == ["while-served"]
+
+
+# ---------------------------------------------------------------- progress bar and Ctrl-C on a terminal
+
+
+def _on_pty(argv: list[str], cwd: Path, interrupt_after: str | None) -> tuple[int, str]:
+    """Run argv with stdin/stdout/stderr on a pseudo-terminal; send Ctrl-C (SIGINT) once
+    `interrupt_after` appears in its output. Returns (exit status, everything it printed)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen(argv, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = b""
+    sent = False
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([master], [], [], 0.1)
+            if r:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk and p.poll() is not None:
+                    break
+                out += chunk
+            elif p.poll() is not None:
+                break
+            if interrupt_after and not sent and interrupt_after.encode() in out:
+                p.send_signal(signal.SIGINT)
+                sent = True
+        rc = p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+    return rc, out.decode(errors="replace")
+
+
+@pytest.fixture
+def big_store(tmp_path: Path) -> Path:
+    r = subprocess.run([*REWIND, "protect", "big.img", "--store", "s", "--size", "16G"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return tmp_path
+
+
+def test_export_shows_progress_and_ctrl_c_cancels(big_store: Path) -> None:
+    rc, out = _on_pty([*REWIND, "export", "s", "--at", "now", "out.img"], big_store, interrupt_after="%")
+    assert "export [" in out and "/s" in out and "ETA" in out, out
+    assert rc == 130, out
+    assert "cancel" in out and "Traceback" not in out, out
+    assert not (big_store / "out.img").exists()
+    assert not list(big_store.glob(".out.img*")), "a cancelled export left a partial file"
+
+
+def test_ctrl_c_cancels_an_export_running_inside_serve(big_store: Path) -> None:
+    p, _ = start_serve(big_store, "s")
+    try:
+        rc, out = _on_pty([*REWIND, "export", "s", "--at", "now", "out.img"], big_store, interrupt_after="%")
+        assert rc == 130 and "cancel" in out and "Traceback" not in out, out
+        deadline = time.monotonic() + 10
+        while list(big_store.glob(".out.img*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not (big_store / "out.img").exists() and not list(big_store.glob(".out.img*"))
+        assert p.poll() is None
+    finally:
+        rc, _, err = stop_serve(p)
+    assert rc == 0, err
+
+
+def test_no_progress_bar_without_terminal(big_store: Path) -> None:
+    subprocess.run(["truncate", "-s", "1G", str(big_store / "small.img")], check=True)
+    r = subprocess.run([*REWIND, "protect", "small.img", "--store", "s2"], cwd=big_store, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*REWIND, "export", "s2", "--at", "now", "o.img"], cwd=big_store, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("exported"), r
