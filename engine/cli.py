@@ -574,10 +574,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.fuse:
             from .frontends.fuse import FuseView
 
-            fv = FuseView(store, args.fuse)
+            mnt = os.path.abspath(args.fuse)  # before FUSE starts (libfuse may chdir to /)
+            fv = FuseView(store, mnt)
             fv.start()
             started.append(fv)
-            uris.append(f"fuse:{os.path.abspath(args.fuse)}")
+            uris.append(f"fuse:{mnt}")
         if args.watch:
             from .frontends.watch import Watcher
 

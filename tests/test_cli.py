@@ -286,9 +286,11 @@ def test_serve_stops_cleanly_on_sigint(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- progress bar and Ctrl-C on a terminal
 
 
-def _on_pty(argv: list[str], cwd: Path, interrupt_after: str | None) -> tuple[int, str]:
+def _on_pty(argv: list[str], cwd: Path, interrupt_after: str | None,
+            answer: tuple[str, str] | None = None) -> tuple[int, str]:
     """Run argv with stdin/stdout/stderr on a pseudo-terminal; send Ctrl-C (SIGINT) once
-    `interrupt_after` appears in its output. Returns (exit status, everything it printed)."""
+    `interrupt_after` appears in its output, or type answer[1] once answer[0] appears.
+    Returns (exit status, everything it printed)."""
     import pty
     import select
 
@@ -313,6 +315,9 @@ def _on_pty(argv: list[str], cwd: Path, interrupt_after: str | None) -> tuple[in
                 break
             if interrupt_after and not sent and interrupt_after.encode() in out:
                 p.send_signal(signal.SIGINT)
+                sent = True
+            if answer and not sent and answer[0].encode() in out:
+                os.write(master, answer[1].encode())
                 sent = True
         rc = p.wait(30)
     finally:
@@ -362,3 +367,79 @@ def test_no_progress_bar_without_terminal(big_store: Path) -> None:
     r = subprocess.run([*REWIND, "export", "s2", "--at", "now", "o.img"], cwd=big_store, capture_output=True,
                        text=True)
     assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("exported"), r
+
+
+# ---------------------------------------------------------------- serve with the other front ends
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                    reason="FUSE is not available (/dev/fuse or fusermount3 missing)")
+def test_serve_fuse(tmp_path: Path) -> None:
+    """`serve --fuse MNT`: the live volume is a file there, marks appear as read-only files."""
+    subprocess.run([*REWIND, "protect", "d.img", "--store", "s", "--size", "4M"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p, ready = start_serve(tmp_path, "s", "--fuse", "mnt")
+    try:
+        assert f"fuse:{mnt}" in ready
+        with open(mnt / "live.img", "r+b") as f:
+            f.seek(4096)
+            f.write(b"F" * 8192)
+            f.flush()
+            os.fsync(f.fileno())
+        r = subprocess.run([*REWIND, "mark", "s", "fused"], cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        with open(mnt / "live.img", "r+b") as f:
+            f.write(b"G" * 4096)
+        past = mnt / "at" / "mark:fused.img"
+        assert past.read_bytes()[:12288] == bytes(4096) + b"F" * 8192
+    finally:
+        rc, _, err = stop_serve(p)
+    assert rc == 0, err
+    assert not os.path.ismount(mnt)
+
+
+def test_serve_watch(tmp_path: Path) -> None:
+    """`serve --watch`: changes another program makes to the primary in place are journaled."""
+    subprocess.run([*REWIND, "protect", "d.img", "--store", "s", "--size", "4M"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    p, ready = start_serve(tmp_path, "s", "--watch")
+    try:
+        assert "watch:" in ready
+        with open(tmp_path / "d.img", "r+b") as f:
+            f.seek(65536)
+            f.write(b"W" * 4096)
+        deadline = time.monotonic() + 15
+        while True:
+            r = subprocess.run([*REWIND, "diff", "s", "seq:0", "now", "--json"], cwd=tmp_path,
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            if json.loads(r.stdout):
+                break
+            assert time.monotonic() < deadline, "the watcher never journaled the change"
+            time.sleep(0.2)
+        assert json.loads(r.stdout) == [{"offset": 65536, "length": 4096}]
+    finally:
+        rc, _, err = stop_serve(p)
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("reply,rc", [("n\n", 1), ("y\n", 0)])
+def test_rewind_asks_on_a_terminal(tmp_path: Path, reply: str, rc: int) -> None:
+    """Without --yes on a terminal, rewind shows what will change and asks."""
+    from rewind.engine.store import Store
+
+    subprocess.run([*REWIND, "protect", "d.img", "--store", "s", "--size", "1M"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    with Store.open(tmp_path / "s") as st:
+        st.live.write(0, b"1" * 4096)
+        st.mark("one")
+        st.live.write(8192, b"2" * 8192)
+        st.flush()
+    code, out = _on_pty([*REWIND, "rewind", "s", "--at", "mark:one"], tmp_path, None, answer=("[y/N]", reply))
+    assert code == rc, out
+    assert "1 range, 8.0 KiB (8192 bytes) will change back to mark:one" in out and "8192 8192" in out, out
+    data = (tmp_path / "d.img").read_bytes()
+    assert data[8192:16384] == (bytes(8192) if rc == 0 else b"2" * 8192)
+    assert ("undo with: rewind rewind s --at mark:before-rewind-1" in out) == (rc == 0), out

@@ -163,6 +163,10 @@ def test_remote_store_answers_like_the_store(served) -> None:  # type: ignore[no
         marks = rs.marks()
         assert [(m.name, m.seq) for m in marks] == [(m.name, m.seq) for m in store.marks()]
         assert rs.resolve("mark:one") == store.resolve("mark:one")
+        assert marks == store.marks()  # the engine's own Mark type comes back
+        assert rs.stats() == store.stats() and rs.stats()
+        assert rs.point_time(store.resolve("mark:one")) == store.marks()[0].time_ns
+        assert [m["id"] for m in rs.maps()] == [m.id for m in store.maps()]
         assert rs.read_at("mark:one", 4096, 4096) == b"A" * 4096
         assert rs.read_at("now", 4096, 4096) == b"B" * 4096
         assert rs.diff("mark:one", "now") == [tuple(r) for r in store.diff("mark:one", "now")]
