@@ -366,7 +366,8 @@ def test_no_progress_bar_without_terminal(big_store: Path) -> None:
     assert r.returncode == 0, r.stderr
     r = subprocess.run([*REWIND, "export", "s2", "--at", "now", "o.img"], cwd=big_store, capture_output=True,
                        text=True)
-    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("exported"), r
+    assert r.returncode == 0 and r.stdout.startswith("exported"), r
+    assert "\r" not in r.stderr and "ETA" not in r.stderr and "[" not in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------- serve with the other front ends
