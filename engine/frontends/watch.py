@@ -12,7 +12,8 @@ Linux tells us that a file changed, never where, so an event costs a digest pass
 changed (at start, on polls).
 
 Files in the store directory: watch-shadow.img, watch-digests.bin (little-endian uint64 per
-block), watch-state.json (what `log`/info() show: watching, since, last scan, ...).
+block, then per 64 KiB group: a scan hashes groups and only the blocks of changed groups),
+watch-state.json (what `log`/info() show: watching, since, last scan, ...).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 CHUNK = 8 << 20
 MAX_RUN = 1 << 20  # largest journal_external call
+GROUP_BYTES = 64 << 10
 RACY_NS = 2_000_000_000  # an mtime this close to a scan may hide a later write in the same tick
 
 
@@ -189,16 +191,23 @@ class Watcher:
         self.bs = int(store.block_size)
         self.size = int(store.size)
         self.nblocks = (self.size + self.bs - 1) // self.bs
-        self.chunk = max(self.bs, chunk - chunk % self.bs)
+        # Group digests (64 KiB) let a scan skip unchanged regions with few hash calls; block
+        # digests say which blocks of a changed group changed.
+        self.gbytes = max(self.bs, GROUP_BYTES)
+        self.gblocks = self.gbytes // self.bs
+        self.ngroups = (self.nblocks + self.gblocks - 1) // self.gblocks
+        self.chunk = max(self.gbytes, chunk - chunk % self.gbytes)
         self.debounce = debounce
         self.max_delay = max_delay
         self.poll = poll
         self.on_scan = on_scan
         self.digests = array("Q")
+        self.gdigests = array("Q")
         self.scans = 0
         self.last: ScanResult | None = None
         self._state: dict[str, Any] = {}
         self._zero_digest = xxhash.xxh3_64_intdigest(bytes(self.bs))
+        self._zero_gdigests: dict[int, int] = {}
         self._scan_lock = threading.Lock()
         self._cv = threading.Condition()
         self._pending = False
@@ -230,17 +239,19 @@ class Watcher:
                 or not self._state.get("digests_valid") or not self.shadow_path.exists()):
             return False
         raw = (self.dir / DIGESTS).read_bytes() if (self.dir / DIGESTS).exists() else b""
-        if len(raw) != self.nblocks * 8:
+        if len(raw) != (self.nblocks + self.ngroups) * 8:
             return False
         d = array("Q")
         d.frombytes(raw)
         if sys.byteorder != "little":
             d.byteswap()
-        self.digests = d
+        self.digests = d[:self.nblocks]
+        self.gdigests = d[self.nblocks:]
         return True
 
     def _save_digests(self) -> None:
         d = array("Q", self.digests)
+        d.extend(self.gdigests)
         if sys.byteorder != "little":
             d.byteswap()
         tmp = self.dir / (DIGESTS + ".tmp")
@@ -250,18 +261,25 @@ class Watcher:
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / DIGESTS)
 
-    def _digest_file(self, path: Path) -> array[int]:
-        """Digests of every block of `path` (zero-padded to the volume's size)."""
-        out = array("Q")
+    def _digest_file(self, path: Path) -> tuple[array[int], array[int]]:
+        """Block and group digests of `path` (zero-padded to the volume's size)."""
+        out, gout = array("Q"), array("Q")
         h = xxhash.xxh3_64_intdigest
-        bs = self.bs
+        bs, gb = self.bs, self.gbytes
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
             for off in range(0, self.nblocks * bs, self.chunk):
                 want = min(self.chunk, self.nblocks * bs - off)
                 mv = self._read(fd, off, want)
-                out.extend(h(mv[i:i + bs]) for i in range(0, want, bs))
-        return out
+                out.extend([h(mv[i:i + bs]) for i in range(0, want, bs)])
+                gout.extend([h(mv[i:i + gb]) for i in range(0, want, gb)])
+        return out, gout
+
+    def _zero_gdigest(self, n: int) -> int:
+        d = self._zero_gdigests.get(n)
+        if d is None:
+            d = self._zero_gdigests[n] = xxhash.xxh3_64_intdigest(bytes(n))
+        return d
 
     def _read(self, fd: int, off: int, n: int) -> memoryview:
         """n bytes at off into the reusable buffer; past the end of the file reads as zeros."""
@@ -289,13 +307,13 @@ class Watcher:
             return "loaded"
         if self.shadow_path.exists() and self._state.get("block_size") in (None, self.bs):
             # Digests lost or stale (crash mid-update): the shadow is still the truth.
-            self.digests = self._digest_file(self.shadow_path)
+            self.digests, self.gdigests = self._digest_file(self.shadow_path)
             self._state.update(racy=True)
             how = "redigested"
         else:
             st0 = os.stat(self.primary)
             how = clone_file(self.primary, self.shadow_path)
-            self.digests = self._digest_file(self.shadow_path)
+            self.digests, self.gdigests = self._digest_file(self.shadow_path)
             self._state.update(mtime_ns=st0.st_mtime_ns, file_size=st0.st_size, racy=True)
         self._save_digests()
         self._save_state(version=1, block_size=self.bs, size=self.size, digests_valid=True,
@@ -342,54 +360,63 @@ class Watcher:
 
     def _pass(self, fd: int, file_size: int) -> tuple[int, int]:
         """Digest the file chunk by chunk; journal, then shadow, the blocks that changed."""
-        bs = self.bs
+        bs, gb, gbl = self.bs, self.gbytes, self.gblocks
         h = xxhash.xxh3_64_intdigest
         total = self.nblocks * bs
         extents = _data_extents(fd, min(file_size, total)) if file_size else []
         zd = self._zero_digest
-        old = array("Q", self.digests)  # becomes self.digests only once journaled
-        runs: list[tuple[int, bytes]] = []  # (offset, new data) of changed runs
+        old = array("Q", self.digests)  # these become self.digests only once journaled
+        gold = array("Q", self.gdigests)
+        runs: list[list[Any]] = []  # [offset, bytearray of new data] of changed runs
+
+        def add(off: int, data: bytes | memoryview) -> None:
+            if runs and runs[-1][0] + len(runs[-1][1]) == off and len(runs[-1][1]) < MAX_RUN:
+                runs[-1][1] += data
+            else:
+                runs.append([off, bytearray(data)])
+
         nread = 0
         ei = 0
         for off in range(0, total, self.chunk):
             end = min(off + self.chunk, total)
             b0, b1 = off // bs, (end + bs - 1) // bs
+            g0, g1 = off // gb, (end + gb - 1) // gb
             while ei < len(extents) and extents[ei][1] <= off:
                 ei += 1
-            has_data = ei < len(extents) and extents[ei][0] < end
-            if not has_data:  # a hole now: its blocks read as zeros
+            if not (ei < len(extents) and extents[ei][0] < end):  # a hole now: reads as zeros
                 seg = old[b0:b1]
                 if seg.count(zd) == len(seg):
                     continue
                 for i, d in enumerate(seg):
                     if d != zd:
-                        runs.append(((b0 + i) * bs, bytes(bs)))
+                        add((b0 + i) * bs, bytes(bs))
                         old[b0 + i] = zd
+                for g in range(g0, g1):
+                    gold[g] = self._zero_gdigest(min(gb, total - g * gb))
                 continue
-            mv = self._read(fd, off, end - off)
-            nread += end - off
-            new = array("Q", [h(mv[i:i + bs]) for i in range(0, end - off, bs)])
-            if new == old[b0:b1]:
+            n = end - off
+            mv = self._read(fd, off, n)
+            nread += n
+            newg = array("Q", [h(mv[i:i + gb]) for i in range(0, n, gb)])
+            if newg == gold[g0:g1]:
                 continue
-            seg = old[b0:b1]
-            i = 0
-            n = len(new)
-            while i < n:
-                if new[i] == seg[i]:
-                    i += 1
+            for gi in range(len(newg)):
+                if newg[gi] == gold[g0 + gi]:
                     continue
-                j = i
-                while j < n and new[j] != seg[j] and (j - i) * bs < MAX_RUN:
-                    j += 1
-                runs.append(((b0 + i) * bs, bytes(mv[i * bs:j * bs])))
-                i = j
-            old[b0:b1] = new
+                gold[g0 + gi] = newg[gi]
+                lo = gi * gbl  # block index within the chunk
+                hi = min(lo + gbl, b1 - b0)
+                for i in range(lo, hi):
+                    d = h(mv[i * bs:(i + 1) * bs])
+                    if d != old[b0 + i]:
+                        old[b0 + i] = d
+                        add((b0 + i) * bs, mv[i * bs:(i + 1) * bs])
         if not runs:
             return 0, nread
-        self._commit(runs, old)
+        self._commit([(o, bytes(d)) for o, d in runs], old, gold)
         return sum(len(d) for _, d in runs) // bs, nread
 
-    def _commit(self, runs: list[tuple[int, bytes]], digests: array[int]) -> None:
+    def _commit(self, runs: list[tuple[int, bytes]], digests: array[int], gdigests: array[int]) -> None:
         """Journal (durably) first, then update the shadow: a crash in between re-journals."""
         sfd = os.open(self.shadow_path, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -405,7 +432,7 @@ class Watcher:
             os.fdatasync(sfd)
         finally:
             os.close(sfd)
-        self.digests = digests
+        self.digests, self.gdigests = digests, gdigests
         self._save_digests()
         self._save_state(digests_valid=True)
 
