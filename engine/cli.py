@@ -63,6 +63,13 @@ def parse_size(text: str) -> int:
     return value
 
 
+def parse_limit(text: str) -> int:
+    """A space limit: a size, or 0 / none / off to remove the limit (returned as 0)."""
+    if text.strip().lower() in ("0", "none", "off", "unlimited"):
+        return 0
+    return parse_size(text)
+
+
 def parse_block_size(text: str) -> int:
     """A block size: a power of two from 512 bytes to 1 MiB ('4096', '4K', '64KiB')."""
     try:
@@ -182,7 +189,8 @@ def build_parser() -> ArgumentParser:
     c = sub.add_parser("retention", help="show or set the retention policy")
     c.add_argument("dir", metavar="DIR")
     c.add_argument("--policy", metavar="TIERS", help="e.g. 'all:24h,1h:7d,1d:30d'")
-    c.add_argument("--max-size", type=_argtype(parse_size), metavar="SIZE", help="journal space limit")
+    c.add_argument("--max-size", type=_argtype(parse_limit), metavar="SIZE",
+                   help="journal space limit (e.g. 20G; 0 or none removes it)")
     c.add_argument("--on-full", choices=("fade", "refuse"), help="what to do when the limit is reached")
     c.set_defaults(func=cmd_retention)
 
@@ -515,12 +523,33 @@ def cmd_retention(args: argparse.Namespace) -> int:
     from .control import to_json
 
     data = to_json(info)
-    if isinstance(data, dict):
-        for k, v in data.items():
-            _out(f"{k.replace('_', ' ') + ':':<15}{json.dumps(v) if isinstance(v, list | dict) else v}")
-    else:
+    if not isinstance(data, dict):
         _out(json.dumps(data))
+        return 0
+    for line in format_retention(data):
+        _out(line)
     return 0
+
+
+def format_retention(r: dict[str, Any]) -> list[str]:
+    """The retention settings for people: tiers, space limit, what happens when full."""
+    lines: list[str] = []
+    limit = r.get("max_size")
+    for k, v in r.items():
+        if k == "max_size":
+            shown = f"{human_bytes(v)} ({v} bytes)" if isinstance(v, int) and v else "none"
+        elif k == "faded_early" and isinstance(v, list):
+            if not v:
+                continue
+            last = v[-1] if isinstance(v[-1], dict) else {}
+            shown = (f"{len(v)} time{'s' if len(v) != 1 else ''} recently, last at "
+                     f"{_fmt_time(last.get('time_ns'))} (horizon now seq {last.get('horizon')})")
+        else:
+            shown = json.dumps(v) if isinstance(v, list | dict) else str(v)
+        lines.append(f"{k.replace('_', ' ') + ':':<15}{shown}")
+    if limit is None and "max_size" not in r:
+        lines.append(f"{'max size:':<15}none")
+    return lines
 
 
 def cmd_fade(args: argparse.Namespace) -> int:
@@ -532,7 +561,12 @@ def cmd_fade(args: argparse.Namespace) -> int:
     from .control import to_json
 
     data = to_json(result)
-    _out(f"faded: {json.dumps(data)}" if data is not None else "faded")
+    if isinstance(data, dict):
+        parts = [f"{k.replace('_', ' ')} {json.dumps(v) if isinstance(v, list | dict) else v}"
+                 for k, v in data.items()]
+        _out("faded: " + ", ".join(parts) if parts else "faded")
+    else:
+        _out("faded" if data is None else f"faded: {json.dumps(data)}")
     return 0
 
 
@@ -586,6 +620,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             w.start()
             started.append(w)
             uris.append(f"watch:{store.primary_path}")
+        if hasattr(store, "start_retention"):
+            store.start_retention()  # the policy is applied in the background while serving
         control = ControlServer(store)
         control.start()
         started.append(control)

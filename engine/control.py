@@ -493,6 +493,17 @@ def _op_mark(srv: ControlServer, args: dict[str, Json]) -> Json:
     return srv.store.mark(name, pinned=pinned)
 
 
+def _op_pin(srv: ControlServer, args: dict[str, Json]) -> Json:
+    name = _arg_text(args, "name")
+    pinned = args.get("pinned", True)
+    if not isinstance(pinned, bool):
+        raise BadInput("control request: 'pinned' must be true or false")
+    fn = getattr(srv.store, "pin", None)
+    if fn is None:
+        raise BadInput("pinning marks is not available yet in this version of the engine")
+    return fn(name, pinned)
+
+
 def _op_resolve(srv: ControlServer, args: dict[str, Json]) -> Json:
     return srv.store.resolve(_arg_point(args, "point"))
 
@@ -543,7 +554,7 @@ def _op_set_retention(srv: ControlServer, args: dict[str, Json]) -> Json:
     if args.get("policy") is not None:
         kwargs["policy"] = _arg_text(args, "policy")
     if args.get("max_size") is not None:
-        kwargs["max_size"] = _arg_int(args, "max_size", 1)
+        kwargs["max_size"] = _arg_int(args, "max_size", 0)
     if args.get("on_full") is not None:
         on_full = _arg_text(args, "on_full")
         if on_full not in ("fade", "refuse"):
@@ -578,6 +589,7 @@ _SIMPLE_OPS: dict[str, Callable[[ControlServer, dict[str, Json]], Json]] = {
     "marks": _op_marks,
     "maps": _op_maps,
     "mark": _op_mark,
+    "pin": _op_pin,
     "resolve": _op_resolve,
     "point_time": _op_point_time,
     "stats": _op_stats,
@@ -809,6 +821,9 @@ class RemoteStore:
 
     def mark(self, name: str, pinned: bool = False) -> Any:
         return mark_from_json(self._call("mark", name=name, pinned=pinned))
+
+    def pin(self, name: str, pinned: bool = True) -> Any:
+        return mark_from_json(self._call("pin", name=name, pinned=pinned))
 
     def resolve(self, point: str | int) -> int:
         return _check_int(self._call("resolve", point=point), "seq")

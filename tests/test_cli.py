@@ -189,6 +189,10 @@ def stop_serve(p: subprocess.Popen[str]) -> tuple[int, str, str]:
     return p.returncode, out, err
 
 
+def sparse_copy(src: Path, dst: Path) -> None:
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+
+
 @pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io (qemu-utils) is not installed")
 def test_terminal_session(session: Session, tmp_path: Path) -> None:
     """Issue 3, must-show 2."""
@@ -205,7 +209,7 @@ def test_terminal_session(session: Session, tmp_path: Path) -> None:
         session.run("qemu-io", "-f", "raw", uri, "-c", "write -P 0xab 0 64k", "-c", "write -P 0xcd 1M 128k",
                     "-c", "write -P 0x5a 100M 1M")
         session.rewind("mark", "s", "before")  # through the control socket: serve holds the lock
-        shutil.copyfile(tmp_path / "disk.img", tmp_path / "at-mark.img")  # the primary as it is at the mark
+        sparse_copy(tmp_path / "disk.img", tmp_path / "at-mark.img")  # the primary as it is at the mark
         session.run("qemu-io", "-f", "raw", uri, "-c", "write -P 0x11 32k 64k", "-c", "write -z 1M 64k",
                     "-c", "discard 100M 4k", "-c", "write -P 0x22 200M 8k")
         # The past point, read through NBD while serving.
@@ -225,7 +229,7 @@ def test_terminal_session(session: Session, tmp_path: Path) -> None:
         session.rewind("verify", "s")
         r = session.rewind("rewind", "s", "--at", "mark:before", "--yes", ok=2)
         assert "stop" in r.stderr
-        shutil.copyfile(tmp_path / "disk.img", tmp_path / "at-end.img")
+        sparse_copy(tmp_path / "disk.img", tmp_path / "at-end.img")
     finally:
         rc, out, err = stop_serve(serve)
         session.lines.append(f"[serve exit {rc}] {err.strip()}")
@@ -253,14 +257,13 @@ def test_protect_and_log_without_serve(session: Session, tmp_path: Path) -> None
     r = session.rewind("diff", "s", "mark:empty", "now")
     assert r.stdout.startswith("# 0 ranges")
     session.rewind("verify", "s")
-    session.rewind("retention", "s", ok=_retention_rc())
-
-
-def _retention_rc() -> int:
-    """retention is wired to store.retention(); until the engine has it, exit 2 'not available yet'."""
-    from rewind.engine.store import Store
-
-    return 0 if hasattr(Store, "retention") else 2
+    r = session.rewind("retention", "s")
+    assert "policy:" in r.stdout and "max size:" in r.stdout
+    r = session.rewind("retention", "s", "--max-size", "512M", "--on-full", "refuse")
+    assert "512.0 MiB" in r.stdout and "refuse" in r.stdout
+    r = session.rewind("retention", "s", "--max-size", "none")
+    assert "max size:      none" in r.stdout
+    assert session.rewind("fade", "s").stdout.startswith("faded")
 
 
 def test_serve_stops_cleanly_on_sigint(tmp_path: Path) -> None:
@@ -274,6 +277,9 @@ def test_serve_stops_cleanly_on_sigint(tmp_path: Path) -> None:
 
     with RemoteStore(tmp_path / "s") as rs:
         rs.mark("while-served")
+    for argv in (["retention", "s", "--policy", "1h:all,1d:1h"], ["fade", "s"]):  # through the control socket
+        r = subprocess.run([*REWIND, *argv], cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
     time.sleep(0.1)
     p.send_signal(signal.SIGINT)
     rc, out, err = stop_serve(p)

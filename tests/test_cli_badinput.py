@@ -118,6 +118,8 @@ CASES: list[tuple[list[str], str]] = [
     # retention
     (["retention", "s", "--on-full", "explode"], "on-full"),
     (["retention", "s", "--max-size", "lots"], "size"),
+    (["retention", "s", "--policy", "sometimes"], "sometimes"),
+    (["retention", "s", "--policy", "24h:all", "--max-size", "-1G"], "size"),
     # usage
     (["frobnicate", "s"], "frobnicate"),
     (["log", "s", "--frob"], "--frob"),
@@ -191,6 +193,7 @@ SERVED_CASES: list[tuple[list[str], str]] = [
     (["diff", "s", "mark:nope", "now"], "nope"),
     (["mark", "s", "m1"], "m1"),
     (["rewind", "s", "--at", "mark:m1", "--yes"], "stop"),
+    (["retention", "s", "--policy", "sometimes"], "sometimes"),
     (["serve", "s"], "in use"),
 ]
 
