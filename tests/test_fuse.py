@@ -255,3 +255,16 @@ def test_normal_user_mount(tmp_path: Path) -> None:
         pytest.skip(f"this machine does not let normal users mount FUSE: {p.stderr.strip()[-200:]}")
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["user", "False"]
+
+
+def test_rewind_drops_stale_page_cache(fview: tuple[Store, FuseView]) -> None:
+    store, view = fview
+    store.live.write(0, b"1" * 8192)
+    store.mark("ones")
+    with open(view.live_path, "r+b", buffering=0) as f:
+        f.write(b"2" * 8192)
+        f.seek(0)
+        assert f.read(8192) == b"2" * 8192  # now in the kernel's page cache
+        store.rewind("mark:ones").run()
+        f.seek(0)
+        assert f.read(8192) == b"1" * 8192

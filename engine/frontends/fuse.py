@@ -16,6 +16,7 @@ immutable so their cache is kept across opens.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -311,10 +312,14 @@ class _Ops(mfusepy.Operations):  # type: ignore[misc]
             config.attr_timeout = 1.0
             config.entry_timeout = 1.0
             config.negative_timeout = 0.0
+        # The struct fuse * of this mount, for cache invalidation from other threads.
+        ctx = mfusepy._libfuse.fuse_get_context()
+        self._view._fuse_ptr = ctx.contents.fuse if ctx else None
         self._view._ready.set()
 
     def destroy(self, path: str) -> None:
         self._view._ready.clear()
+        self._view._fuse_ptr = None
 
 
 def _is_mount(path: Path) -> bool:
@@ -373,6 +378,7 @@ class FuseView:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._ops: _Ops | None = None
+        self._fuse_ptr: int | None = None
 
     # --- paths -------------------------------------------------------------------------------
     @property
@@ -432,6 +438,25 @@ class FuseView:
         if ov is not None:
             ov.close()
 
+    # --- cache -------------------------------------------------------------------------------
+    def invalidate(self, path: str = f"/{LIVE}") -> bool:
+        """Drop the kernel's cached pages of a file (live.img after a rewind changed it under us).
+
+        Reads of live.img use the page cache; writes through the view keep it right, but a rewind
+        (or another front end writing) changes the volume behind the kernel's back.
+        """
+        ptr = self._fuse_ptr
+        if ptr is None or not self.running:
+            return False
+        fn = mfusepy._libfuse.fuse_invalidate_path
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        fn.restype = ctypes.c_int
+        return int(fn(ptr, path.encode())) == 0
+
+    def _on_event(self, event: str, data: dict[str, Any]) -> None:
+        if event == "rewind":
+            self.invalidate()
+
     # --- lifecycle ---------------------------------------------------------------------------
     def _run(self) -> None:
         assert self._ops is not None
@@ -470,6 +495,9 @@ class FuseView:
         self._ops = _Ops(self)
         self._thread = threading.Thread(target=self._run, name=f"fuse:{mnt}", daemon=True)
         self._thread.start()
+        add_listener = getattr(self.store, "add_listener", None)
+        if callable(add_listener):
+            add_listener(self._on_event)
         deadline = time.monotonic() + timeout
         while not self._ready.wait(0.05):
             if not self._thread.is_alive() or time.monotonic() > deadline:
@@ -480,6 +508,12 @@ class FuseView:
         return self
 
     def _cleanup_thread(self) -> None:
+        remove_listener = getattr(self.store, "remove_listener", None)
+        if callable(remove_listener):
+            try:
+                remove_listener(self._on_event)
+            except (ValueError, KeyError):
+                pass
         t = self._thread
         if t is not None and t.is_alive() and _is_mount(self.mountpoint):
             try:
@@ -509,7 +543,7 @@ class FuseView:
             t.join(timeout)
             if t.is_alive():
                 raise FuseError(f"the FUSE thread for {self.mountpoint} did not stop")
-            self._thread = None
+            self._cleanup_thread()
         finally:
             if self._thread is None:
                 with self._olock:
