@@ -15,7 +15,7 @@ from typing import Any
 
 import apsw
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -39,7 +39,11 @@ CREATE TABLE IF NOT EXISTS stats(
 """
 
 # Migrations: MIGRATIONS[n] takes a database at user_version n to n + 1.
-MIGRATIONS: dict[int, str] = {0: SCHEMA_V1}
+# v2: retention merges points away; their records stay (diff needs them) but are marked gone.
+MIGRATIONS: dict[int, str] = {
+    0: SCHEMA_V1,
+    1: "ALTER TABLE records ADD COLUMN gone INTEGER NOT NULL DEFAULT 0;",
+}
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,7 @@ class MapDB:
             if versions:
                 self.db.executemany("INSERT OR REPLACE INTO versions VALUES(?,?,?,?)", versions)
             if records:
-                self.db.executemany("INSERT OR REPLACE INTO records VALUES(?,?,?,?,?,?)", records)
+                self.db.executemany("INSERT OR REPLACE INTO records(seq, time, kind, block, count, map_id) VALUES(?,?,?,?,?,?)", records)
             for mid, (fs, ls, ft, lt, kind, n) in maps.items():
                 self.db.execute(
                     "INSERT INTO maps(id, first_seq, last_seq, first_time, last_time, kind, entries)"
@@ -174,17 +178,29 @@ class MapDB:
         v = self.one("SELECT max(seq) FROM records WHERE time<=?", (t,))
         return None if v is None else int(v)
 
+    def is_gone(self, seq: int) -> bool:
+        """Was this point merged away by retention?"""
+        return bool(self.one("SELECT gone FROM records WHERE seq=?", (seq,)))
+
+    def kept_neighbours(self, seq: int) -> tuple[int | None, int | None]:
+        """The nearest still-addressable points around `seq`."""
+        lo = self.one("SELECT max(seq) FROM records WHERE seq<? AND gone=0", (seq,))
+        hi = self.one("SELECT min(seq) FROM records WHERE seq>? AND gone=0", (seq,))
+        return (None if lo is None else int(lo)), (None if hi is None else int(hi))
+
+    def points(self, after: int) -> list[tuple[int, int]]:
+        """Addressable (seq, time) points newer than `after`, in order."""
+        return [
+            (int(s), int(t))
+            for s, t in self.db.execute("SELECT seq, time FROM records WHERE seq>? AND gone=0 ORDER BY seq", (after,))
+        ]
+
     def record_time(self, seq: int) -> int | None:
         v = self.one("SELECT time FROM records WHERE seq<=? ORDER BY seq DESC LIMIT 1", (seq,))
         return None if v is None else int(v)
 
     def record_exists(self, seq: int) -> bool:
         return self.one("SELECT 1 FROM records WHERE seq=?", (seq,)) is not None
-
-    def neighbours(self, seq: int) -> tuple[int | None, int | None]:
-        lo = self.one("SELECT max(seq) FROM records WHERE seq<?", (seq,))
-        hi = self.one("SELECT min(seq) FROM records WHERE seq>?", (seq,))
-        return (None if lo is None else int(lo)), (None if hi is None else int(hi))
 
     def marks(self) -> list[Mark]:
         return [
@@ -201,7 +217,7 @@ class MapDB:
         return [
             MapInfo(*(int(x) if i != 5 else str(x) for i, x in enumerate(r)))  # type: ignore[arg-type]
             for r in self.db.execute(
-                "SELECT id, first_seq, last_seq, first_time, last_time, kind, entries FROM maps ORDER BY id"
+                "SELECT id, first_seq, last_seq, first_time, last_time, kind, entries FROM maps ORDER BY first_seq, id"
             )
         ]
 

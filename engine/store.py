@@ -21,7 +21,8 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput, CorruptionError, PointError, ReadOnlyError, RewindError, StoreLocked
+from .errors import BadInput, CorruptionError, NoSpace, PointError, ReadOnlyError, RewindError, StoreLocked
+from .fade import finish_compaction
 from .jobs import Job, Progress
 from .journal.record import (
     HEADER_SIZE,
@@ -36,6 +37,7 @@ from .journal.segments import ZERO_LOC, Journal, TornTail, make_loc, segment_nam
 from .maps import MapDB, MapInfo, Mark, Version
 from .points import check_mark_name, format_ns, parse_point
 from .primary import Primary
+from .retention import DEFAULT_POLICY, Policy
 
 FORMAT = 1
 MAP_SPAN_NS = 60 * 10**9  # a new delta map at least every minute of writes
@@ -265,6 +267,9 @@ class Store:
             self._wdb = MapDB(d / "maps.db")
             self._gen = _Gen()
             self._frozen: list[_Gen] = []
+            note = finish_compaction(self.journal.path, self._wdb)
+            if note:
+                self.recovery.append(note)
             self._recover()
             self._build_state()
         except BaseException:
@@ -277,6 +282,7 @@ class Store:
         self._indexer = threading.Thread(target=self._index_loop, name="rewind-indexer", daemon=True)
         self._indexer.start()
         self.live = Volume(self, None)
+        self._refuse_full = self.retention()["on_full"] == "refuse"
 
     def __enter__(self) -> Store:
         return self
@@ -328,12 +334,14 @@ class Store:
         gen = self._gen
         bs = self.block_size
         redo = 0
+        rebuild = db.get_meta("indexed_seq") is None
+        first_new = self._head + 1 if not rebuild else 0
         try:
             for rec in self.journal.scan(segno, off):
                 h = rec.hdr
-                if h.seq <= self._head:
+                if h.seq < first_new:
                     continue  # already indexed
-                self._head = h.seq
+                self._head = max(self._head, h.seq)
                 self._last_time = max(self._last_time, h.time_ns)
                 if h.kind in (Kind.WRITE, Kind.BASELINE):
                     key = h.aux if h.kind == Kind.BASELINE else h.seq
@@ -341,14 +349,15 @@ class Store:
                     gen.versions.extend(
                         zip(range(h.block, h.block + h.count), repeat(key), range(loc0, loc0 + h.count * bs, bs), rec.crcs)
                     )
-                    if h.kind == Kind.WRITE:
+                    if h.kind == Kind.WRITE and not rebuild:
                         data = self.journal.pread(make_loc(rec.segno, rec.data_off), h.count * bs)
                         self._primary.pwrite(h.block * bs, data)
                         redo += 1
                 elif h.kind == Kind.ZERO:
                     gen.versions.extend(zip(range(h.block, h.block + h.count), repeat(h.seq), repeat(ZERO_LOC), repeat(0)))
-                    self._primary.zero(h.block * bs, h.count * bs)
-                    redo += 1
+                    if not rebuild:
+                        self._primary.zero(h.block * bs, h.count * bs)
+                        redo += 1
                 if h.kind != Kind.BASELINE:
                     self._add_record(gen, h.seq, h.time_ns, h.kind, h.block, h.count, h.count * bs)
                 if h.kind == Kind.MARK:
@@ -370,6 +379,24 @@ class Store:
         if not gen.empty():
             self._commit(gen)
         self._gen = _Gen()
+        if rebuild:
+            self._reapply_retention()
+            self.recovery.append(f"rebuilt the delta maps from the journal ({self._head} records)")
+
+    def _reapply_retention(self) -> None:
+        """After a rebuild, points that retention had merged away stay merged away."""
+        db = self._wdb
+        hz, until = self.horizon, int(self.meta.get("kept_until", 0))
+        kept = set(self.meta.get("kept", [])) | {hz}
+        with db.db:
+            db.db.executemany("UPDATE marks SET pinned=1 WHERE name=?", [(n,) for n in self.meta.get("pinned", [])])
+            db.db.execute("DELETE FROM records WHERE seq<?", (hz,))
+            db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq<?", (hz,))
+            gone = [
+                (int(s),) for (s,) in db.db.execute("SELECT seq FROM records WHERE seq<=?", (until,)) if s not in kept
+            ]
+            db.db.executemany("UPDATE records SET gone=1 WHERE seq=?", gone)
+            db.db.executemany("DELETE FROM marks WHERE pinned=0 AND seq=?", gone)
 
     def _build_state(self) -> None:
         """The copy-on-first-write bitmap: which blocks still need a baseline before an overwrite."""
@@ -427,8 +454,7 @@ class Store:
         self._wdb.commit(gen.versions, gen.records, gen.maps, gen.marks, gen.unmarks, gen.stats, meta)
 
     def journal_bytes_estimate(self) -> int:
-        j = self.journal
-        return (j.segno - 1) * j.SEGMENT_LIMIT + j.end if j.segno else 0
+        return self.journal.total_bytes
 
     def _index_once(self) -> bool:
         with self._commit_lock:
@@ -482,6 +508,11 @@ class Store:
         with self._lock:
             if self._closed:
                 raise RewindError("the store is closed")
+            if self._refuse_full and self.over_limit():
+                raise NoSpace(
+                    f"the journal reached its space limit ({self.retention()['max_size']} bytes) and the policy"
+                    " says refuse: fade history (`rewind fade`) or raise --max-size"
+                )
             batch = _Batch()
             for kind, off, x in reqs:
                 if kind == "write":
@@ -761,7 +792,7 @@ class Store:
             if p.kind == "seq":
                 if p.value < hz or p.value > head:
                     raise PointError(f"seq:{p.value} is outside the history (seq:{hz} to seq:{head})")
-                return p.value
+                return self._addressable(p.value, str(point))
             t = p.value
             if t < int(self.meta["horizon_ns"]):
                 raise PointError(
@@ -774,7 +805,23 @@ class Store:
                 if i:
                     return gen.records[i - 1][0]
             s = self._db.seq_at_time(t)
-            return hz if s is None else max(hz, s)
+            return self._addressable(hz if s is None else max(hz, s), str(point))
+
+    def _addressable(self, seq: int, label: str) -> int:
+        """Retention merged some points away: refuse them, naming the nearest kept points."""
+        until = int(self.meta.get("kept_until", 0))
+        if seq > until or seq == self.horizon:
+            return seq
+        kept = sorted(set(self.meta.get("kept", [])) | {self.horizon})
+        i = bisect.bisect_left(kept, seq)
+        if i < len(kept) and kept[i] == seq:
+            return seq
+        before = kept[i - 1] if i > 0 else None
+        after = kept[i] if i < len(kept) else self._db.kept_neighbours(until)[1]
+        near = " and ".join(
+            f"seq:{x} ({format_ns(self.point_time(x))})" for x in (before, after) if x is not None
+        )
+        raise PointError(f"{label} was merged away by retention; the nearest kept points are {near}")
 
     def point_time(self, seq: int) -> int:
         with self._lock:
@@ -807,10 +854,27 @@ class Store:
             self._apply(batch)
             self._gen.marks.append((name, seq, t, int(pinned)))
             self._sync()
+            if pinned:
+                self.meta["pinned"] = sorted({*self.meta.get("pinned", []), name})
+                self.save_meta()
         self._index_sync()
         m = Mark(name, seq, t, pinned)
         self._emit("mark", {"name": name, "seq": seq, "time_ns": t})
         return m
+
+    def pin(self, name: str, pinned: bool = True) -> Mark:
+        """Pin a mark (kept whatever retention says) or unpin it."""
+        m = self._find_mark(name)
+        if m is None:
+            raise BadInput(f"no mark named {name!r}: see `rewind log`")
+        self._index_sync()
+        with self._lock:
+            self._wdb.db.execute("UPDATE marks SET pinned=? WHERE name=?", (int(pinned), name))
+            pins = set(self.meta.get("pinned", []))
+            (pins.add if pinned else pins.discard)(name)
+            self.meta["pinned"] = sorted(pins)
+            self.save_meta()
+        return Mark(m.name, m.seq, m.time_ns, pinned)
 
     def marks(self) -> list[Mark]:
         self._index_sync()
@@ -856,6 +920,7 @@ class Store:
                 "marks": [m.__dict__ for m in db.marks()],
                 "maps": [m.__dict__ for m in db.maps()],
                 "recovery": list(self.recovery),
+                "retention": self.retention(),
             }
 
     # diff --------------------------------------------------------------------------------
@@ -988,6 +1053,88 @@ class Store:
             return result
 
         return Job("verify", body)
+
+    # retention -------------------------------------------------------------------------
+    def policy(self) -> Policy:
+        return Policy.parse(self.retention()["policy"])
+
+    def retention(self) -> dict[str, Any]:
+        """The retention settings: tiers, space limit (bytes or None) and what to do when full."""
+        r = dict(self.meta.get("retention") or {})
+        r.setdefault("policy", DEFAULT_POLICY)
+        r.setdefault("max_size", None)
+        r.setdefault("on_full", "fade")
+        r["faded_early"] = list(self.meta.get("faded_early", []))[-10:]
+        return r
+
+    def set_retention(
+        self, policy: str | None = None, max_size: int | None = None, on_full: str | None = None
+    ) -> dict[str, Any]:
+        """Change retention; max_size 0 removes the limit. Checked before anything is saved."""
+        r = self.retention()
+        r.pop("faded_early", None)
+        if policy is not None:
+            r["policy"] = str(Policy.parse(policy))
+        if max_size is not None:
+            if max_size < 0:
+                raise BadInput("--max-size must be positive (0 removes the limit)")
+            r["max_size"] = max_size or None
+        if on_full is not None:
+            if on_full not in ("fade", "refuse"):
+                raise BadInput("--on-full must be 'fade' (default) or 'refuse'")
+            r["on_full"] = on_full
+        with self._lock:
+            self.meta["retention"] = r
+            self.save_meta()
+            self._refuse_full = r["on_full"] == "refuse"
+        return self.retention()
+
+    def space_used(self) -> int:
+        return self.journal_bytes_estimate()
+
+    def over_limit(self) -> bool:
+        limit = (self.meta.get("retention") or {}).get("max_size")
+        return bool(limit) and self.space_used() > int(limit)
+
+    def fade(self, throttle: float = 0.0) -> Job:
+        """Job: apply retention now; past the space limit (policy "fade") fade early too."""
+
+        def body(check: Callable[[], None]) -> Iterator[Progress]:
+            from .fade import fade_body
+
+            result = yield from fade_body(self, check, throttle)
+            steps = 0
+            while self.over_limit() and self.retention()["on_full"] == "fade" and steps < 10_000:
+                before = self.horizon
+                result = yield from fade_body(self, check, throttle, early=True)
+                steps += 1
+                if self.horizon == before:
+                    break
+            if steps:
+                note = {"time_ns": self.clock(), "horizon": self.horizon, "steps": steps}
+                with self._lock:
+                    self.meta.setdefault("faded_early", []).append(note)
+                    self.save_meta()
+                self._emit("faded-early", note)
+                result["faded_early"] = note
+            return result
+
+        return Job("fade", body)
+
+    def start_retention(self, interval_s: float = 60.0, throttle: float = 0.005) -> None:
+        """Apply retention in the background (serve does this), gently, every `interval_s`."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s if not self.over_limit() else 1.0):
+                try:
+                    self.fade(throttle).run()
+                except Exception as e:
+                    self._emit("error", {"message": f"retention failed: {e}"})
+
+        threading.Thread(target=loop, name="rewind-retention", daemon=True).start()
+
+    def save_meta(self) -> None:
+        _write_json(self.dir / "store.json", self.meta)
 
     # events ------------------------------------------------------------------------------
     def add_listener(self, fn: Listener) -> None:

@@ -92,6 +92,7 @@ class Journal:
             self.end = os.path.getsize(self.seg_path(self.segno))
         else:
             self._new_segment(1)
+        self.total_bytes = self.size_bytes()
 
     # files -------------------------------------------------------------------------------
     def seg_path(self, segno: int) -> Path:
@@ -120,6 +121,8 @@ class Journal:
         self._dirty.add(segno)
         self.segno = segno
         self.end = SEGMENT_HEADER_SIZE
+        if hasattr(self, "total_bytes"):
+            self.total_bytes += SEGMENT_HEADER_SIZE
         dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
@@ -127,6 +130,7 @@ class Journal:
             os.close(dfd)
 
     def size_bytes(self) -> int:
+        """Bytes on disk, counted afresh (total_bytes is the running count)."""
         return sum(os.path.getsize(self.seg_path(s)) for s in self.segment_numbers())
 
     # append ------------------------------------------------------------------------------
@@ -162,6 +166,7 @@ class Journal:
             raise
         assert off - start == nbytes, (off - start, nbytes)
         self.end = off
+        self.total_bytes += nbytes
         self._dirty.add(segno)
         return segno, start
 
@@ -183,6 +188,7 @@ class Journal:
         os.ftruncate(fd, off)
         os.fsync(fd)
         self.segno, self.end = segno, off
+        self.total_bytes = self.size_bytes()
 
     def close_segment(self, segno: int) -> None:
         fd = self._fds.pop(segno, None)
