@@ -223,3 +223,25 @@ def test_console_without_gui_extras_is_one_line(tmp_path: Path) -> None:
     if r.returncode != 2:
         pytest.skip(f"the console did not need PySide6 at import time (exit {r.returncode})")
     assert len(r.stderr.splitlines()) == 1 and "gui" in r.stderr.lower() and "Traceback" not in r.stderr
+
+
+def test_serve_on_a_busy_port_is_bad_input(tmp_path: Path) -> None:
+    """A front end that cannot start: one line, exit 2, nothing left running or behind."""
+    import socket
+
+    work = tmp_path
+    assert run("protect", "d.img", "--store", "s", "--size", "1M", cwd=work).returncode == 0
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        before = tree_hash(work / "s")
+        r = run("serve", "s", "--nbd", f"tcp:127.0.0.1:{port}", cwd=work)
+        check_bad(r, str(port))
+        assert r.stdout == ""
+        assert not (work / "s" / "control.sock").exists()
+        assert tree_hash(work / "s") == before
+    finally:
+        busy.close()
