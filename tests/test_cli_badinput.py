@@ -229,8 +229,12 @@ def test_serve_on_a_busy_port_is_bad_input(tmp_path: Path) -> None:
     """A front end that cannot start: one line, exit 2, nothing left running or behind."""
     import socket
 
+    from rewind.engine.store import Store
+
     work = tmp_path
     assert run("protect", "d.img", "--store", "s", "--size", "1M", cwd=work).returncode == 0
+    with Store.open(work / "s") as st:  # some history, as in a store people serve
+        st.live.write(0, b"x" * 4096)
 
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
