@@ -82,11 +82,12 @@ def point_name(name: str) -> tuple[str, bool] | None:
 class _Handle:
     """One open file: what it reads from and writes to."""
 
-    __slots__ = ("vol", "kind")
+    __slots__ = ("vol", "kind", "dirty")
 
     def __init__(self, vol: Any, kind: str) -> None:
         self.vol = vol
         self.kind = kind  # "live" | "at" | "overlay"
+        self.dirty = False  # written through this handle since its last flush
 
 
 class _Ops(mfusepy.Operations):  # type: ignore[misc]
@@ -262,6 +263,7 @@ class _Ops(mfusepy.Operations):  # type: ignore[misc]
         except RewindError as e:
             log.error("write %s at %d: %s", path, offset, e)
             raise _oserror(e) from None
+        h.dirty = True
         if h.kind == "live":
             self._live_mtime = time.time_ns()
         return n
@@ -279,6 +281,7 @@ class _Ops(mfusepy.Operations):  # type: ignore[misc]
                     (vol.trim if mode & FALLOC_FL_PUNCH_HOLE else vol.zero)(offset, end - offset)
                 except RewindError as e:
                     raise _oserror(e) from None
+                h.dirty = True
             return 0
         if mode & ~FALLOC_FL_KEEP_SIZE:
             raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")
@@ -286,20 +289,23 @@ class _Ops(mfusepy.Operations):  # type: ignore[misc]
             raise OSError(errno.ENOSPC, "the volume's size is fixed")
         return 0
 
-    def _sync(self, fi: Any) -> int:
+    def _sync(self, fi: Any, always: bool) -> int:
         h = self._h(fi)
-        if h.kind != "at":
+        if h.kind != "at" and (always or h.dirty):
+            h.dirty = False
             try:
                 h.vol.flush()
             except RewindError as e:
+                h.dirty = True
                 raise _oserror(e) from None
         return 0
 
     def flush(self, path: str, fi: Any) -> int:
-        return self._sync(fi)
+        """close(): durable if this handle wrote (programs that only read pay nothing)."""
+        return self._sync(fi, always=False)
 
     def fsync(self, path: str, datasync: int, fi: Any) -> int:
-        return self._sync(fi)
+        return self._sync(fi, always=True)
 
     def release(self, path: str, fi: Any) -> int:
         with self._lock:
