@@ -334,6 +334,7 @@ class Store:
         gen = self._gen
         bs = self.block_size
         redo = 0
+        torn: list[tuple[int, int]] = []
         rebuild = db.get_meta("indexed_seq") is None
         first_new = self._head + 1 if not rebuild else 0
         try:
@@ -368,6 +369,7 @@ class Store:
                 gen.end_pos = (rec.segno, rec.end)
         except TornTail as t:
             lost = self.journal.seg_path(t.segno).stat().st_size - t.offset
+            torn = self.journal.torn_ranges(t.segno, t.offset)
             self.journal.truncate(t.segno, t.offset)
             self.recovery.append(
                 f"cut a torn journal tail at {segment_name(t.segno)} offset {t.offset} ({lost} bytes: {t.reason});"
@@ -379,9 +381,22 @@ class Store:
         if not gen.empty():
             self._commit(gen)
         self._gen = _Gen()
+        if torn:
+            self._undo_torn(torn)
         if rebuild:
             self._reapply_retention()
             self.recovery.append(f"rebuilt the delta maps from the journal ({self._head} records)")
+
+    def _undo_torn(self, ranges: list[tuple[int, int]]) -> None:
+        """The primary may hold writes whose journal records were torn: put back the journaled state."""
+        self._build_state()
+        bs = self.block_size
+        for b0, count in ranges:
+            b0, count = max(0, b0), min(count, self.nblocks - max(0, b0))
+            if count > 0:
+                self._primary.pwrite(b0 * bs, self._read(self._head, b0 * bs, count * bs, indexed=True))
+        self._primary.sync()
+        self.recovery.append(f"restored {len(ranges)} primary ranges written by torn, unacknowledged records")
 
     def _reapply_retention(self) -> None:
         """After a rebuild, points that retention had merged away stay merged away."""
@@ -693,12 +708,12 @@ class Store:
                 return v
         return self._db.newest(block, seq)
 
-    def _read(self, seq: int | None, off: int, n: int) -> bytes:
+    def _read(self, seq: int | None, off: int, n: int, indexed: bool = False) -> bytes:
         self._check_range(off, n)
         if n == 0:
             return b""
         with self._lock:
-            if seq is None or seq >= self._head:
+            if seq is None or (seq >= self._head and not indexed):
                 return self._primary.pread(off, n)
             if seq < int(self.meta["horizon_seq"]):
                 raise PointError(f"seq:{seq} is older than the horizon")

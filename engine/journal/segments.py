@@ -277,6 +277,21 @@ class Journal:
                     yield Scanned(hdr, s, pos, crcs, name)
                     pos += hdr.total
 
+    def torn_ranges(self, segno: int, offset: int) -> list[tuple[int, int]]:
+        """(block, count) of the WRITE/ZERO records whose headers survive in a torn tail."""
+        out = []
+        with open(self.seg_path(segno), "rb") as f:
+            pos = offset
+            while True:
+                f.seek(pos)
+                try:
+                    hdr = decode_header(f.read(HEADER_SIZE), self.block_size)
+                except HeaderError:
+                    return out
+                if hdr.kind in (Kind.WRITE, Kind.ZERO):
+                    out.append((hdr.block, hdr.count))
+                pos += hdr.total
+
     def _bad(self, segno: int, offset: int, reason: str, size: int) -> None:
         """Torn tail if this is the last segment and nothing valid follows; corruption otherwise."""
         if segno == self.segment_numbers()[-1] and not self._valid_record_after(segno, offset, size):
