@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): Rewind measured side by side with unprotected peers, as ratios."""
