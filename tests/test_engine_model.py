@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import Clock, Model
+from refmodel import Clock, Model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rewind.engine.errors import BadInput, Cancelled, PointError, ReadOnlyError

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Clock, Model
+from refmodel import Clock, Model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rewind.engine.errors import BadInput, NoSpace, PointError
