@@ -2,9 +2,10 @@
 
 PySide6 6.12 on CPython 3.11 returns True from Signal.emit() without taking a reference, so
 every emit (ours and pyqtgraph's, thousands a minute) lowers True's reference count until the
-interpreter aborts with "bool_dealloc: deallocating True or False". CPython 3.12+ makes True and
-False immortal; on older interpreters we do the same by giving them a reference count that no
-program can use up. Harmless where the bug is absent: True and False are never freed anyway.
+interpreter aborts with "bool_dealloc: deallocating True or False" (some slot calls do the same to
+None: "none_dealloc"). CPython 3.12+ makes True, False and None immortal; on older interpreters
+we do the same by giving them a reference count that no program can use up. Harmless where the
+bug is absent: these objects are never freed anyway.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def _immortalize_bools() -> None:
         return
     import ctypes
 
-    for obj in (True, False):
+    for obj in (True, False, None):
         refcnt = ctypes.c_ssize_t.from_address(id(obj))  # ob_refcnt is the first field
         refcnt.value += 1 << 40
 

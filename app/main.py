@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QSettings, QSize, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QGuiApplication, QKeySequence
@@ -37,9 +37,11 @@ from .dialogs.protect import ProtectDialog
 from .format import human_bytes, human_time
 from .resources import app_icon
 from .theme import apply_theme
-from .views.volume import VolumeView
 from .views.welcome import WelcomeView
-from .workers import Snapshot, VolumeWorker
+
+if TYPE_CHECKING:  # the volume view pulls in pyqtgraph, numpy and pytsk3: loaded on first use
+    from .views.volume import VolumeView
+    from .workers import Snapshot
 
 APP_NAME = "Rewind"
 ORG = "rewind"
@@ -73,6 +75,9 @@ class MainWindow(QMainWindow):
     def _build(self) -> None:
         self.volume_list = QListWidget()
         self.volume_list.setObjectName("volumeList")
+        self.volume_list.setWordWrap(True)
+        self.volume_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        self.volume_list.setIconSize(QSize(28, 28))
         self.volume_list.currentRowChanged.connect(self._on_select)
         self.volume_list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.volume_list.customContextMenuRequested.connect(self._list_menu)
@@ -166,7 +171,7 @@ class MainWindow(QMainWindow):
     # -- helpers ----------------------------------------------------------------------------------
     def current_view(self) -> VolumeView | None:
         w = self.stack.currentWidget()
-        return w if isinstance(w, VolumeView) else None
+        return None if w is self.welcome or w is None else w  # type: ignore[return-value]
 
     def _current_call(self, name: str) -> None:
         v = self.current_view()
@@ -216,12 +221,15 @@ class MainWindow(QMainWindow):
 
     # -- opening ------------------------------------------------------------------------------------
     def _add_view(self, title: str, demo: bool = False) -> VolumeView:
+        from .views.volume import VolumeView
+        from .workers import VolumeWorker
+
         worker = VolumeWorker(title)
         view = VolumeView(worker, title, demo=demo)
         self.views.append(view)
         self.stack.addWidget(view)
         item = QListWidgetItem(app_icon(), f"{title}\nOpening...")
-        item.setSizeHint(QSize(180, 46))
+        item.setSizeHint(QSize(180, 54))
         self.volume_list.addItem(item)
 
         def refresh_item(_s: str = "") -> None:

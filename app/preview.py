@@ -217,11 +217,11 @@ def open_fs(img: PointImage) -> tuple[Any, int] | None:
 _SKIP_ROOT = {"$MBR", "$FAT1", "$FAT2", "$OrphanFiles", "$Extend", "lost+found"}
 
 
-def _digest(fs: Any, path: str, size: int) -> str:
+def _digest(f: Any, size: int) -> str:
     """Content digest (xxh3) of a small file; for big ones, head+tail+size (cheap, good enough
-    to say 'changed' in a preview; exports are byte-exact anyway)."""
+    to say 'changed' in a preview; exports are byte-exact anyway). `f` is the pytsk3 File met
+    while walking: opening by path again would walk the directories once more per file."""
     try:
-        f = fs.open(path)
         h = xxhash.xxh3_64()
         if size <= DIGEST_LIMIT:
             off = 0
@@ -267,7 +267,7 @@ def walk(fs: Any, digests: bool = True, limit: int = MAX_ENTRIES) -> tuple[dict[
             size = int(meta.size) if not is_dir else 0
             fe = FileEntry(path, is_dir, size, int(meta.mtime or 0), int(meta.addr))
             if not is_dir and meta.type == pytsk3.TSK_FS_META_TYPE_REG and digests:
-                fe.digest = _digest(fs, path, size)
+                fe.digest = _digest(entry, size)
             out[path] = fe
             if len(out) >= limit:
                 return out, True

@@ -3,9 +3,9 @@ pyqtgraph charts in the same colours as the widgets around them."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
-import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QGuiApplication, QPalette
 from PySide6.QtWidgets import QApplication
@@ -100,5 +100,14 @@ def apply_theme(app: QApplication, mode: str = "auto") -> Colors:
         for key, value in vars(_current).items():
             sheet = sheet.replace("@" + key, str(value))
         app.setStyleSheet(sheet)
-    pg.setConfigOptions(background=_current.background, foreground=_current.text, antialias=True)
+    if "pyqtgraph" in sys.modules:
+        configure_charts()
     return _current
+
+
+def configure_charts() -> None:
+    """pyqtgraph's colours for the palette in use (imported only when a chart is first made:
+    pyqtgraph costs half a second to import, the welcome view does not need it)."""
+    import pyqtgraph as pg
+
+    pg.setConfigOptions(background=_current.background, foreground=_current.text, antialias=True)

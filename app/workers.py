@@ -108,8 +108,9 @@ class VolumeWorker(QObject):
         self.name = name
         self.link: Link | None = None
         self.builder: PreviewBuilder | None = None
-        self.lane = _Lane(f"rewind-volume-{name}")
-        self.job_lane = _Lane(f"rewind-job-{name}")
+        self.lane = _Lane(f"rewind-volume-{name}")  # open, refresh, marks, serve, files
+        self.preview_lane = _Lane(f"rewind-preview-{name}")  # previews never wait behind a refresh
+        self.job_lane = _Lane(f"rewind-job-{name}")  # export / rewind / verify
         self.preview_gen = 0
         self.job: Any = None
         self.job_kind = ""
@@ -259,7 +260,7 @@ class VolumeWorker(QObject):
             if gen == self.preview_gen:
                 self.previewReady.emit(gen, preview)
 
-        self.lane.post.emit(run)
+        self.preview_lane.post.emit(run)
         return gen
 
     def read_file(self, purpose: str, seq: int, path: str, limit: int | None = None) -> None:
@@ -414,7 +415,9 @@ class VolumeWorker(QObject):
                 done.set()
 
         # the job thread first: a cancelled job cleans up before the store closes
+        self.preview_gen += 1  # queued previews are skipped
         self.job_lane.stop(int(timeout_s * 1000))
+        self.preview_lane.stop(int(timeout_s * 1000))
         self.lane.post.emit(self._guard("close", run))
         deadline = time.monotonic() + timeout_s
         while not done.is_set() and time.monotonic() < deadline:

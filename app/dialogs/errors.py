@@ -26,8 +26,11 @@ def explain(e: BaseException, doing: str = "") -> tuple[str, str]:
     """(what happened, what to do) for an exception from the engine or the system."""
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, CorruptionError):
-        where = f" ({e.path}" + (f" at offset {e.offset}" if getattr(e, "offset", -1) >= 0 else "") + ")" \
-            if getattr(e, "path", "") else ""
+        path = getattr(e, "path", "") or ""
+        offset = getattr(e, "offset", -1)
+        where = ""
+        if path and path not in msg:
+            where = f" ({path}" + (f" at offset {offset}" if offset is not None and offset >= 0 else "") + ")"
         return (f"The protection's history is damaged{where}: {msg}",
                 "Rewind never serves damaged data. Run Verify to see what is affected; points that still "
                 "read can be exported. If the store cannot be opened, protect the image again into a new "

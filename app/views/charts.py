@@ -15,7 +15,28 @@ from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..format import human_bytes, human_time
-from ..theme import colors
+from ..theme import colors, configure_charts
+
+
+class TimeAxis(pg.DateAxisItem):
+    """DateAxisItem that labels whole seconds as wall-clock times (12:42:49), not as '49.000'."""
+
+    def tickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:
+        if spacing >= 86400:
+            fmt = "%b %d"
+        elif spacing >= 60:
+            fmt = "%H:%M"
+        elif spacing >= 1 or all(float(v).is_integer() for v in values):
+            fmt = "%H:%M:%S"
+        else:
+            return list(super().tickStrings(values, scale, spacing))
+        out = []
+        for v in values:
+            try:
+                out.append(time.strftime(fmt, time.localtime(v)))
+            except (OverflowError, ValueError, OSError):
+                out.append("")
+        return out
 
 
 class StatSeries:
@@ -48,7 +69,7 @@ class StatSeries:
         for seconds with writes) so the rate drops to zero between bursts."""
         if not self.t:
             return (np.zeros(0),) * 4  # type: ignore[return-value]
-        t = np.asarray(self.t, dtype=np.float64)
+        t = np.asarray(self.t, dtype=np.float64) + 0.5  # a row covers [t, t+1): draw it in the middle
         w = np.asarray(self.writes, dtype=np.float64)
         b = np.asarray(self.bytes, dtype=np.float64) / 1e6
         j = np.asarray(self.journal, dtype=np.float64) / 2**20
@@ -78,14 +99,15 @@ class Charts(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        configure_charts()
         c = colors()
         self.series = StatSeries()
         self.glw = pg.GraphicsLayoutWidget()
         self.glw.setMinimumHeight(220)
         self.glw.ci.setContentsMargins(4, 4, 4, 4)
         self.glw.ci.setSpacing(2)
-        self.rate_plot = self.glw.addPlot(row=0, col=0, axisItems={"bottom": pg.DateAxisItem()})
-        self.journal_plot = self.glw.addPlot(row=1, col=0, axisItems={"bottom": pg.DateAxisItem()})
+        self.rate_plot = self.glw.addPlot(row=0, col=0, axisItems={"bottom": TimeAxis()})
+        self.journal_plot = self.glw.addPlot(row=1, col=0, axisItems={"bottom": TimeAxis()})
         self.glw.ci.layout.setRowStretchFactor(0, 3)
         self.glw.ci.layout.setRowStretchFactor(1, 2)
         for p in (self.rate_plot, self.journal_plot):
@@ -95,6 +117,7 @@ class Charts(QWidget):
             p.setMenuEnabled(False)
             p.getAxis("left").setWidth(52)
             p.setMouseEnabled(x=True, y=False)
+            p.vb.sigRangeChangedManually.connect(self._user_zoomed)
         self.journal_plot.setXLink(self.rate_plot)
         self.rate_plot.hideAxis("bottom")
         self.rate_plot.setLabel("left", "MB/s")
@@ -139,6 +162,16 @@ class Charts(QWidget):
         self._follow = True
         self._span: tuple[float, float] | None = None
 
+    def _user_zoomed(self, *args: Any) -> None:
+        """The user zoomed or panned: stop following the whole history until a double click."""
+        self._follow = False
+
+    def mouseDoubleClickEvent(self, event: Any) -> None:
+        self._follow = True
+        if self._span is not None:
+            self.rate_plot.setXRange(*self._span, padding=0.02)
+        super().mouseDoubleClickEvent(event)
+
     def _plots(self) -> list[Any]:
         return [self.rate_plot, self.journal_plot]
 
@@ -162,8 +195,10 @@ class Charts(QWidget):
         self.rate_curve.setData(x, mb)
         self.ops_curve.setData(x, ops)
         self.journal_curve.setData(x, journal)
-        if len(ops):
-            self.ops_view.setYRange(0, max(1.0, float(ops.max()) * 1.1), padding=0)
+        # both y axes start at zero so the two rate curves share a baseline
+        self.rate_plot.setYRange(0, max(0.1, float(mb.max()) * 1.1) if len(mb) else 1.0, padding=0)
+        self.ops_view.setYRange(0, max(1.0, float(ops.max()) * 1.1) if len(ops) else 1.0, padding=0)
+        self.journal_plot.setYRange(0, max(0.1, float(journal.max()) * 1.1) if len(journal) else 1.0, padding=0)
         for line in self.horizon_lines:
             line.setPos(horizon_t)
             line.setVisible(True)

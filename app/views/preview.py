@@ -110,6 +110,7 @@ class PreviewPane(QWidget):
         super().__init__(parent)
         self.preview: Preview | None = None
         self._items: dict[str, QTreeWidgetItem] = {}
+        self._paths: list[str] = []
         self._selected = ""
         self.header = QLabel("Move the timeline to see the volume at that point.")
         self.header.setObjectName("muted")
@@ -120,8 +121,11 @@ class PreviewPane(QWidget):
         self.tree.setUniformRowHeights(True)
         self.tree.setAlternatingRowColors(True)
         self.tree.header().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        for col in (1, 2, 3):
-            self.tree.header().setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        self.tree.header().setStretchLastSection(False)
+        for col, width in ((1, 80), (2, 150), (3, 110)):
+            # fixed widths: ResizeToContents re-measures every row on every preview
+            self.tree.header().setSectionResizeMode(col, QHeaderView.ResizeMode.Interactive)
+            self.tree.setColumnWidth(col, width)
         self.tree.itemSelectionChanged.connect(self._on_select)
 
         mono = QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont)
@@ -207,52 +211,61 @@ class PreviewPane(QWidget):
         self.header.setText(summary)
         self._fill_tree(p.entries)
 
-    def _fill_tree(self, entries: list[FileEntry]) -> None:
+    def _style(self, item: QTreeWidgetItem, e: FileEntry) -> None:
+        """Texts, colours and fonts of one row for entry `e`."""
         c = colors()
-        tint = {"added": QColor(c.added), "changed": QColor(c.changed), "deleted": QColor(c.deleted)}
+        mtime = human_time(e.mtime * 10**9, with_date=True) if e.mtime else ""
+        item.setText(0, e.name + ("/" if e.is_dir else ""))
+        item.setText(1, "" if e.is_dir else human_bytes(e.size))
+        item.setText(2, mtime)
+        item.setText(3, STATUS_TEXT.get(e.status, e.status))
+        item.setData(0, Qt.ItemDataRole.UserRole, e.path)
+        item.setData(1, Qt.ItemDataRole.UserRole, e.status)
+        font = QFont(self.tree.font())
+        tip = ""
+        if e.status == "changed" and not e.is_dir:
+            font.setBold(True)
+        elif e.status == "added":
+            font.setItalic(True)
+            tip = "Not in this point: written after it"
+        elif e.status == "deleted":
+            font.setStrikeOut(True)
+            tip = "Deleted since this point: Save as... restores it"
+        item.setFont(0, font)
+        item.setToolTip(0, tip)
+        color = {"added": c.added, "changed": c.changed, "deleted": c.deleted}.get(e.status)
+        brush = QColor(color) if color else self.tree.palette().text().color()
+        for col in range(4):
+            item.setForeground(col, brush)
+
+    def _fill_tree(self, entries: list[FileEntry]) -> None:
         keep = self._selected
+        paths = [e.path for e in entries]
         self.tree.setUpdatesEnabled(False)
         self.tree.blockSignals(True)
         try:
-            self.tree.clear()
-            self._items = {}
-            bold = QFont(self.tree.font())
-            bold.setBold(True)
-            italic = QFont(self.tree.font())
-            italic.setItalic(True)
-            for e in entries:
-                parent_path = e.path.rsplit("/", 1)[0]
-                parent = self._items.get(parent_path)
-                mtime = human_time(e.mtime * 10**9, with_date=True) if e.mtime else ""
-                label = e.name + ("/" if e.is_dir else "")
-                item = QTreeWidgetItem([label, "" if e.is_dir else human_bytes(e.size), mtime,
-                                        STATUS_TEXT.get(e.status, e.status)])
-                item.setData(0, Qt.ItemDataRole.UserRole, e.path)
-                item.setData(1, Qt.ItemDataRole.UserRole, e.status)
-                item.setTextAlignment(1, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                if e.status:
-                    color = tint[e.status]
-                    for col in range(4):
-                        item.setForeground(col, color)
-                    if e.status == "changed" and not e.is_dir:
-                        item.setFont(0, bold)
-                    elif e.status == "added":
-                        item.setFont(0, italic)
-                        item.setToolTip(0, "Not in this point: written after it")
-                    elif e.status == "deleted":
-                        f = QFont(self.tree.font())
-                        f.setStrikeOut(True)
-                        item.setFont(0, f)
-                        item.setToolTip(0, "Deleted since this point: Save as... restores it")
-                if parent is None:
-                    self.tree.addTopLevelItem(item)
-                else:
-                    parent.addChild(item)
-                self._items[e.path] = item
-            self.tree.expandAll()
-            if keep in self._items:
-                self._items[keep].setSelected(True)
-                self.tree.setCurrentItem(self._items[keep])
+            if paths == self._paths:
+                # same files as the last preview (the usual case while dragging): restyle in place
+                for e in entries:
+                    self._style(self._items[e.path], e)
+            else:
+                self.tree.clear()
+                self._items = {}
+                for e in entries:
+                    parent = self._items.get(e.path.rsplit("/", 1)[0])
+                    item = QTreeWidgetItem()
+                    item.setTextAlignment(1, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                    self._style(item, e)
+                    if parent is None:
+                        self.tree.addTopLevelItem(item)
+                    else:
+                        parent.addChild(item)
+                    self._items[e.path] = item
+                self.tree.expandAll()
+                self._paths = paths
+                if keep in self._items:
+                    self._items[keep].setSelected(True)
+                    self.tree.setCurrentItem(self._items[keep])
         finally:
             self.tree.blockSignals(False)
             self.tree.setUpdatesEnabled(True)

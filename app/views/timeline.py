@@ -12,11 +12,13 @@ from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QColor, QKeyEvent, QMouseEvent, QPainter, QPainterPath, QPaintEvent, QPen
 from PySide6.QtWidgets import QSizePolicy, QToolTip, QWidget
 
+from ..format import human_time
 from ..theme import colors
 
 MARGIN = 14
 TICK_ZONE = 14  # mark ticks live above the track
 TRACK_H = 34
+LABEL_H = 18  # the horizon's and now's times under the track
 
 
 class Timeline(QWidget):
@@ -47,10 +49,10 @@ class Timeline(QWidget):
         self._dragging = False
 
     def sizeHint(self) -> QSize:
-        return QSize(600, TRACK_H + TICK_ZONE + 10)
+        return QSize(600, TRACK_H + TICK_ZONE + LABEL_H)
 
     def minimumSizeHint(self) -> QSize:
-        return QSize(200, TRACK_H + TICK_ZONE + 10)
+        return QSize(200, TRACK_H + TICK_ZONE + LABEL_H)
 
     # -- model ----------------------------------------------------------------------------------
     def set_range(self, horizon_seq: int, head_seq: int, t_min: int, t_max: int) -> None:
@@ -81,7 +83,8 @@ class Timeline(QWidget):
 
     def _rebin(self) -> None:
         t_s, writes = self._density_src
-        bins = max(10, (self.width() - 2 * MARGIN) // 3)
+        span_s = max(1.0, (self.t_max - self.t_min) / 1e9)
+        bins = int(max(10, min((self.width() - 2 * MARGIN) // 3, span_s)))
         if not len(t_s):
             self.density = np.zeros(bins)
             return
@@ -162,6 +165,15 @@ class Timeline(QWidget):
         p.setBrush(accent)
         p.setPen(QPen(QColor(c.background), 2))
         p.drawEllipse(QPointF(x, tr.center().y()), 7, 7)
+        # the ends: the horizon (oldest readable point) and now
+        p.setPen(QColor(c.muted))
+        font = p.font()
+        font.setPointSizeF(max(7.0, font.pointSizeF() * 0.85))
+        p.setFont(font)
+        label_y = tr.bottom() + 3
+        p.drawText(QRectF(tr.left(), label_y, 260, LABEL_H - 3), Qt.AlignmentFlag.AlignLeft,
+                   f"horizon {human_time(self.t_min)}")
+        p.drawText(QRectF(tr.right() - 260, label_y, 260, LABEL_H - 3), Qt.AlignmentFlag.AlignRight, "now")
         if self.hasFocus():
             p.setPen(QPen(QColor(c.accent), 1, Qt.PenStyle.DotLine))
             p.setBrush(Qt.BrushStyle.NoBrush)

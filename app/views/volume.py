@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QPushButton,
     QSplitter,
+    QStackedWidget,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -97,6 +98,7 @@ class VolumeView(QWidget):
         self.rewind_dialog: RewindConfirm | None = None
         self.export_path = ""
         self._undo_mark = ""
+        self.shown_gen = 0  # generation of the preview on screen (benchmarks wait on it)
         self._build()
         self._connect()
 
@@ -175,12 +177,21 @@ class VolumeView(QWidget):
         self.split.setStretchFactor(1, 4)
         self.split.setChildrenCollapsible(False)
 
+        # until the store is open (or when it failed): a message instead of empty charts
+        self.message = QLabel("Opening...")
+        self.message.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.message.setWordWrap(True)
+        self.message.setObjectName("heroSubtitle")
+        self.pages = QStackedWidget()
+        self.pages.addWidget(self.message)
+        self.pages.addWidget(self.split)
+
         lay = QVBoxLayout(self)
         lay.setContentsMargins(12, 10, 12, 6)
         lay.addLayout(head)
         lay.addWidget(self.info_bar)
         lay.addWidget(self.serve_row)
-        lay.addWidget(self.split, 1)
+        lay.addWidget(self.pages, 1)
         self._set_enabled(False)
 
         self.refresh_timer = QTimer(self)
@@ -239,10 +250,12 @@ class VolumeView(QWidget):
 
     # -- worker answers --------------------------------------------------------------------------
     def _on_opened(self, snap: Snapshot) -> None:
-        self.title = Path(snap.primary).name or self.title
+        if not self.demo:
+            self.title = Path(snap.primary).name or self.title
         self.title_label.setText(self.title)
         self.titleChanged.emit(self.title)
         self._set_enabled(True)
+        self.pages.setCurrentIndex(1)
         self._on_snapshot(snap)
         self.refresh_timer.start()
         self._want(("now", 0))
@@ -309,7 +322,10 @@ class VolumeView(QWidget):
         if what in ("open", "create", "demo"):
             self.error = e
             self._set_state("Failed to open")
-            self.subtitle.setText(f"Could not open: {e}")
+            self.subtitle.setText("Could not open this protection.")
+            self.message.setText(f"Could not open this protection.\n\n{e}\n\n"
+                                 "Close it from the list (right click, or File > Close) once you have read why.")
+            self.pages.setCurrentIndex(0)
             self.refresh_timer.stop()
         if what == "demo" and self.snap is not None:
             self.notify.emit("Demo workload stopped", f"{e}", "warning")
@@ -358,6 +374,7 @@ class VolumeView(QWidget):
         self.charts.set_cursor(None if at_now else p.time_ns / 1e9)
         self._update_point_label(p.seq, p.time_ns, at_now)
         self.preview_pane.show_preview(p)
+        self.shown_gen = gen
 
     def _on_preview_failed(self, gen: int, e: BaseException) -> None:
         if gen != self.worker.preview_gen:
