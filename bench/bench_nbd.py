@@ -1,0 +1,438 @@
+"""NBD benchmark: Rewind's NBD server (journaling every write) side by side with unprotected peers.
+
+    .venv/bin/python -m bench.bench_nbd [--quick] [--runtime S] [--rounds N] [--dir DIR]
+
+Part 1 (fio's nbd engine, one connection, a fresh sparse 1 GiB file per run, servers alternated in
+one run, medians over rounds; PERFORMANCE.md says noise between runs is up to 2x, so only the ratios
+mean anything): sequential 1 MiB writes QD8, 4 KiB random writes QD32, 4 KiB random reads QD32 of
+the live volume, and of a past point (a mark taken after filling, then 1/4 of the blocks rewritten)
+-- against nbdkit's file plugin and qemu-nbd (writeback).
+
+Part 2 (the engine alone): journal N random 4 KiB writes through store.live.write_many in batches
+of 32, then time 1 MiB reads at random past points, and compare journal + maps on disk with the
+bytes written.
+
+Targets (issue 3): seq >= 0.8x nbdkit, randwrite >= 0.5x nbdkit, past read >= 0.7x live read,
+past 1 MiB read < 50 ms, journal + maps < 1.15x bytes written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+GiB = 1024**3
+MiB = 1024**2
+
+REWIND = [sys.executable, "-m", "rewind.engine"]
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def bench_root(arg: str | None) -> Path:
+    """A scratch directory on a real disk (never tmpfs: the page cache would be the only disk)."""
+    if arg:
+        p = Path(arg)
+        p.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="bench-nbd-", dir=p))
+    base = Path(tempfile.gettempdir())
+    if _fstype(base) in ("tmpfs", "ramfs"):
+        base = Path.cwd() / ".bench-tmp"
+        base.mkdir(exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="bench-nbd-", dir=base))
+
+
+def _fstype(path: Path) -> str:
+    best, kind = "", ""
+    with contextlib.suppress(OSError), open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt = parts[1]
+            if str(path.resolve()).startswith(mnt) and len(mnt) > len(best):
+                best, kind = mnt, parts[2]
+    return kind
+
+
+def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early ({proc.returncode}): {proc.args}")
+        if path.exists():
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(str(path))
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {path}")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def fio(uri: str, rw: str, bs: str, qd: int, runtime: float | None, size: str = "1g",
+        extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """One fio job over NBD; returns MB/s and IOPS of its direction."""
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+           f"--iodepth={qd}", f"--size={size}", "--output-format=json", "--randrepeat=0", *extra]
+    if runtime is not None:
+        cmd += ["--time_based", f"--runtime={runtime:g}"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"fio failed: {p.stderr.strip() or p.stdout[-500:]}")
+    job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return {"mbs": side["bw_bytes"] / 1e6, "iops": side["iops"]}
+
+
+def fill(uri: str) -> None:
+    """Write every block once (1 MiB sequential), so reads are of data, not holes."""
+    fio(uri, "write", "1m", 8, None)
+
+
+def overwrite_quarter(uri: str) -> None:
+    """Rewrite 1/4 of the volume at random 4 KiB blocks after the mark: the past point now
+    differs from the live volume, so reading it needs the journal."""
+    fio(uri, "randwrite", "4k", 32, None, size="1g", extra=("--io_size=256m", "--norandommap"))
+
+
+# --- servers ---------------------------------------------------------------------------------
+class Server:
+    name = ""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.image = work / "disk.img"
+        self.sock = work / "nbd.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def uri_for(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def mark(self, name: str) -> str | None:
+        return None
+
+
+class Rewind(Server):
+    name = "rewind"
+
+    def start(self) -> None:
+        store = self.work / "store"
+        subprocess.run([*REWIND, "protect", str(self.image), "--store", str(store), "--size", "1G"],
+                       check=True, capture_output=True)
+        self.proc = subprocess.Popen([*REWIND, "serve", str(store), "--nbd", f"unix:{self.sock}"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"rewind serve did not start: {line!r}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, signal.SIGINT)
+            self.proc = None
+
+    def mark(self, name: str) -> str | None:
+        subprocess.run([*REWIND, "mark", str(self.work / "store"), name], check=True, capture_output=True)
+        return f"at=mark:{name}"
+
+
+class Nbdkit(Server):
+    name = "nbdkit"
+
+    def start(self) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(GiB)
+        self.proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(self.sock), "file",
+                                      str(self.image)], stderr=subprocess.DEVNULL)
+        wait_socket(self.sock, self.proc)
+
+
+class QemuNbd(Server):
+    name = "qemu-nbd"
+
+    def start(self) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(GiB)
+        self.proc = subprocess.Popen(["qemu-nbd", "-t", "-k", str(self.sock), "-f", "raw", "--cache=writeback",
+                                      str(self.image)], stderr=subprocess.DEVNULL)
+        wait_socket(self.sock, self.proc)
+
+
+class Passthrough(Server):
+    """Our NBD server over a plain file, no journal: what the server alone costs (bench only)."""
+
+    name = "nbd-only"
+
+    def start(self) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(GiB)
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.bench_nbd", "--serve-passthrough",
+                                      str(self.image), str(self.sock)], stderr=subprocess.DEVNULL)
+        wait_socket(self.sock, self.proc)
+
+
+class _FileVolume:
+    """A raw file as a live volume with the engine's method names; no history, no checks."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR)
+        self.size = os.fstat(self.fd).st_size
+        self.block_size = 4096
+        self.live = self
+
+    def read(self, off: int, n: int) -> bytes:
+        return os.pread(self.fd, n, off)
+
+    def write_many(self, reqs: list[tuple[str, int, bytes | memoryview | int]], fua: bool = False) -> None:
+        for kind, off, x in reqs:
+            if kind == "write":
+                assert not isinstance(x, int)
+                os.pwrite(self.fd, x, off)
+            else:
+                assert isinstance(x, int)
+                os.pwrite(self.fd, bytes(x), off)
+        if fua:
+            os.fdatasync(self.fd)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def at(self, point: str | int) -> _FileVolume:
+        from rewind.engine.errors import PointError
+
+        raise PointError("no history in the pass-through server")
+
+    def marks(self) -> list[object]:
+        return []
+
+
+def serve_passthrough(image: str, sock: str) -> int:
+    from rewind.engine.frontends.nbd.server import serve
+
+    serve(_FileVolume(image), f"unix:{sock}")  # type: ignore[arg-type]
+    return 0
+
+
+@contextlib.contextmanager
+def running(cls: type[Server], root: Path) -> Iterator[Server]:
+    work = Path(tempfile.mkdtemp(prefix=cls.name + "-", dir=root))
+    srv = cls(work)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- part 1: fio -----------------------------------------------------------------------------
+def fio_part(root: Path, runtime: float, rounds: int, servers: list[type[Server]]) -> dict[str, dict[str, float]]:
+    res: dict[str, dict[str, list[float]]] = {}
+
+    def add(server: str, key: str, value: float) -> None:
+        res.setdefault(key, {}).setdefault(server, []).append(value)
+
+    workloads: list[tuple[str, Callable[[Server], None]]] = []
+
+    def seq(s: Server) -> None:
+        add(s.name, "seq", fio(s.uri, "write", "1m", 8, runtime)["mbs"])
+
+    def randwrite(s: Server) -> None:
+        add(s.name, "randwrite", fio(s.uri, "randwrite", "4k", 32, runtime)["iops"])
+
+    def randread(s: Server) -> None:
+        fill(s.uri)
+        past = s.mark("filled")
+        if past is not None:
+            overwrite_quarter(s.uri)
+        add(s.name, "randread", fio(s.uri, "randread", "4k", 32, runtime)["iops"])
+        if past is not None:
+            add(s.name, "pastread", fio(s.uri_for(past), "randread", "4k", 32, runtime)["iops"])
+
+    workloads = [("seq 1M write QD8", seq), ("4k randwrite QD32", randwrite), ("4k randread QD32", randread)]
+    for r in range(rounds):
+        order = servers if r % 2 == 0 else list(reversed(servers))
+        for title, fn in workloads:
+            for cls in order:
+                t0 = time.monotonic()
+                with running(cls, root) as s:
+                    fn(s)
+                print(f"  round {r + 1}/{rounds} {title:18} {cls.name:9} done in {time.monotonic() - t0:5.1f} s",
+                      file=sys.stderr, flush=True)
+    return {k: {s: statistics.median(v) for s, v in per.items()} for k, per in res.items()}
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def print_fio(m: dict[str, dict[str, float]], servers: list[str]) -> None:
+    rows = [("seq", "seq 1 MiB write QD8", "MB/s", 0.8), ("randwrite", "4 KiB randwrite QD32", "IOPS", 0.5),
+            ("randread", "4 KiB randread QD32 live", "IOPS", None), ("pastread", "4 KiB randread QD32 past", "IOPS", None)]
+    head = f"{'workload':27} {'unit':5}" + "".join(f"{s:>11}" for s in servers) + f"{'vs nbdkit':>11}  target"
+    print(head)
+    print("-" * len(head) + "-------------")
+    for key, title, unit, target in rows:
+        vals = m.get(key, {})
+        cells = "".join(f"{vals[s]:>11,.0f}" if s in vals else f"{'-':>11}" for s in servers)
+        base = m.get("randread" if key == "pastread" else key, {}).get("nbdkit")
+        ours = vals.get("rewind")
+        ratio = f"{ours / base:10.2f}x" if base and ours else f"{'-':>11}"
+        tgt = ""
+        if target is not None and base and ours:
+            tgt = f"  >= {target}x nbdkit: {verdict(ours / base >= target)}"
+        if key == "pastread" and ours and m.get("randread", {}).get("rewind"):
+            live = m["randread"]["rewind"]
+            tgt = f"  past/live {ours / live:.2f}x >= 0.7x: {verdict(ours / live >= 0.7)}"
+        print(f"{title:27} {unit:5}{cells}{ratio}{tgt}")
+
+
+# --- part 2: the engine ----------------------------------------------------------------------
+def engine_part(root: Path, writes: int, vol_size: int, batch: int = 32, reads: int = 200) -> None:
+    from rewind.engine.store import Store
+
+    work = Path(tempfile.mkdtemp(prefix="engine-", dir=root))
+    try:
+        store = Store.create(work / "disk.img", work / "store", size=vol_size)
+        bs = store.block_size
+        nblocks = vol_size // bs
+        rnd = random.Random(1)
+        block = os.urandom(bs * 64)
+        mv = memoryview(block)
+        t0 = time.monotonic()
+        done = 0
+        while done < writes:
+            k = min(batch, writes - done)
+            reqs: list[tuple[str, int, bytes | memoryview | int]] = []
+            for _ in range(k):
+                j = rnd.randrange(64)
+                reqs.append(("write", rnd.randrange(nblocks) * bs, mv[j * bs : (j + 1) * bs]))
+            store.live.write_many(reqs)
+            done += k
+        store.live.flush()
+        wt = time.monotonic() - t0
+        written = writes * bs
+        first, last = store.horizon, store.head
+        lat: list[float] = []
+        for _ in range(reads):
+            seq = rnd.randrange(first, last + 1)
+            off = rnd.randrange(0, vol_size - MiB + 1)
+            t = time.perf_counter()
+            data = store.at(seq).read(off, MiB)
+            lat.append((time.perf_counter() - t) * 1000)
+            assert len(data) == MiB
+        store.close()
+        t = time.monotonic()
+        on_disk = _du(work / "store")
+        _ = time.monotonic() - t
+        lat.sort()
+        p50, p95, mx = lat[len(lat) // 2], lat[int(len(lat) * 0.95) - 1], lat[-1]
+        print(f"journaled {writes:,} random 4 KiB writes (batches of {batch}) into a {vol_size / GiB:g} GiB volume "
+              f"in {wt:.1f} s: {writes / wt:,.0f} writes/s, {written / wt / 1e6:,.0f} MB/s")
+        print(f"{reads} reads of 1 MiB at random past points: p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {mx:.1f} ms"
+              f"   target p95 < 50 ms: {verdict(p95 < 50)} (max < 50 ms: {verdict(mx < 50)})")
+        print(f"journal + maps on disk {on_disk / MiB:,.0f} MiB for {written / MiB:,.0f} MiB written: "
+              f"{on_disk / written:.3f}x   target < 1.15x: {verdict(on_disk / written < 1.15)}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _du(path: Path) -> int:
+    """Bytes allocated on disk (like du), so sparse files count what they really use."""
+    total = 0
+    for p in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            st = p.lstat()
+            if p.is_file():
+                total += st.st_blocks * 512
+    return total
+
+
+# --- main ------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.bench_nbd", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short smoke run: 2 s fio runs, 1 round, 100k writes")
+    ap.add_argument("--runtime", type=float, help="seconds per fio run (default 8, quick 2)")
+    ap.add_argument("--rounds", type=int, help="rounds per server; medians are printed (default 2, quick 1)")
+    ap.add_argument("--writes", type=int, help="engine part: 4 KiB writes to journal (default 1,000,000)")
+    ap.add_argument("--volume", type=float, help="engine part: volume size in GiB (default 4, quick 1)")
+    ap.add_argument("--dir", help="scratch directory on a real disk (default: $TMPDIR unless tmpfs)")
+    ap.add_argument("--only", choices=["fio", "engine"], help="run one part")
+    ap.add_argument("--no-passthrough", action="store_true", help="skip the nbd-only column (server, no journal)")
+    ap.add_argument("--serve-passthrough", nargs=2, metavar=("IMAGE", "SOCK"), help=argparse.SUPPRESS)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if args.serve_passthrough:
+        return serve_passthrough(*args.serve_passthrough)
+    runtime = args.runtime or (2.0 if args.quick else 8.0)
+    rounds = args.rounds or (1 if args.quick else 2)
+    writes = args.writes or (100_000 if args.quick else 1_000_000)
+    volume = int((args.volume or (1 if args.quick else 4)) * GiB)
+    if runtime <= 0 or rounds <= 0 or writes <= 0 or volume < 2 * MiB:
+        print("bench_nbd: --runtime, --rounds, --writes and --volume must be positive", file=sys.stderr)
+        return 2
+    root = bench_root(args.dir)
+    try:
+        if args.only in (None, "fio"):
+            servers: list[type[Server]] = [Rewind]
+            missing = [t for t in ("fio", "nbdkit", "qemu-nbd") if shutil.which(t) is None]
+            if "fio" in missing:
+                print("bench_nbd: fio is not installed: skipping the NBD part (apt install fio)")
+            else:
+                servers += [c for c in (Nbdkit, QemuNbd) if shutil.which(c.name)]
+                if not args.no_passthrough:
+                    servers.append(Passthrough)
+                print(f"NBD, fio nbd engine, 1 connection, fresh sparse 1 GiB file per run, {runtime:g} s runs, "
+                      f"median of {rounds} round(s), servers alternated; scratch in {root}", flush=True)
+                m = fio_part(root, runtime, rounds, servers)
+                print()
+                print_fio(m, [s.name for s in servers])
+                print()
+        if args.only in (None, "engine"):
+            print("Engine, in process:", flush=True)
+            engine_part(root, writes, volume)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
