@@ -165,3 +165,26 @@ def test_ext4_on_loop_on_fuse(env: tuple[Store, FuseView, list[loop.LoopDevice]]
 def store_export(store: Store, point: str, out: Path) -> Path:
     store.export(point, out).run()
     return out
+
+
+def test_routes_and_bad_input(tmp_path: Path) -> None:
+    """What the console shows where no loop route exists, and one-line errors for bad paths."""
+    from rewind.engine.errors import BadInput
+    from rewind.engine.frontends.freeze import FreezeError
+
+    text = loop.how_to("/m/live.img", read_only=True)
+    assert "losetup --find --show -r /m/live.img" in text
+    assert "udisksctl loop-setup --read-only -f /m/live.img" in text
+    assert loop.available() in ("losetup", "udisks", None)
+    with pytest.raises(BadInput):
+        loop.attach(tmp_path / "missing.img")
+    with pytest.raises(BadInput):
+        with frozen(tmp_path):  # a directory, not a mount point
+            pass
+    with pytest.raises(BadInput):
+        with frozen(tmp_path / "nope"):
+            pass
+    if os.geteuid() == 0 and shutil.which("fsfreeze") and os.path.ismount("/proc"):
+        with pytest.raises(FreezeError):  # procfs cannot be frozen: a clear error, nothing left frozen
+            with frozen("/proc"):
+                pass
