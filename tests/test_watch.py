@@ -150,3 +150,29 @@ def test_lost_digests_are_rebuilt_from_the_shadow(tmp_path: Path) -> None:
         assert w.scan().changed_blocks == 1
     finally:
         store.close()
+
+
+def test_rewind_of_a_watched_file(tmp_path: Path) -> None:
+    """A rewind writes the primary itself: the watcher sees it and history stays right."""
+    prim = tmp_path / "disk.img"
+    make_primary(prim)
+    store = watch_protect(prim, tmp_path / "store")
+    try:
+        w = Watcher(store, debounce=0.05).start()
+        store.mark("start")
+        start = prim.read_bytes()
+        with open(prim, "r+b") as f:
+            f.seek(5 << 20)
+            f.write(os.urandom(64 << 10))
+        assert w.wait_idle(timeout=15)
+        changed = prim.read_bytes()
+        seq_changed = store.head
+        store.rewind("mark:start").run()
+        assert prim.read_bytes() == start
+        assert w.wait_idle(timeout=15)
+        w.stop()
+        assert store.at("now").read(0, SIZE) == start
+        assert store.at(seq_changed).read(0, SIZE) == changed
+        assert store.at("mark:start").read(0, SIZE) == start
+    finally:
+        store.close()
