@@ -69,7 +69,7 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited early ({proc.returncode}): {proc.args}")
+            raise RuntimeError(f"server exited early ({proc.returncode}): {proc.args!r}")
         if path.exists():
             s = socket.socket(socket.AF_UNIX)
             try:
@@ -245,7 +245,7 @@ class _FileVolume:
 def serve_passthrough(image: str, sock: str) -> int:
     from rewind.engine.frontends.nbd.server import serve
 
-    serve(_FileVolume(image), f"unix:{sock}")  # type: ignore[arg-type]
+    serve(_FileVolume(image), f"unix:{sock}")
     return 0
 
 

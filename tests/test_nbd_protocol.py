@@ -444,3 +444,24 @@ def test_stop_hangs_up_and_flushes(store: Store, tmp_path: Path) -> None:
     assert store.live.read(0, 16) == b"data before stop"
     assert not (tmp_path / "s.sock").exists()
     srv.stop()  # idempotent
+
+
+def test_pipelined_max_size_reads_and_writes(tmp_path: Path) -> None:
+    """32 MiB requests (the cap) back to back: the receive buffer grows to fit them, and replies
+    beyond one pass's output budget (64 MiB) are sent after the first ones drain, in sync."""
+    big = 64 * 1024 * 1024
+    cap = 32 * 1024 * 1024
+    with Store.create(tmp_path / "big.img", tmp_path / "bigstore", size=big) as s, NbdServer(s, "unix:") as srv:
+        with connect(srv) as c:
+            data = os.urandom(1024 * 1024) * 32
+            c.write(0, data)
+            blob = b"".join(P.S_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, (i % 2) * cap, cap) for i in range(3))
+            blob += P.S_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 3, cap, 4) + b"tail"
+            blob += P.S_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 4, cap, 4)
+            c.sock.sendall(blob)
+            for i in range(3):
+                cookie, err, got = c.recv_reply(cap)
+                assert (cookie, err) == (i, 0)
+                assert got == (data if i % 2 == 0 else bytes(cap))
+            assert c.recv_reply() == (3, 0, b"")
+            assert c.recv_reply(4) == (4, 0, b"tail")

@@ -43,6 +43,8 @@ _CHEAP_MOVE = 64 * 1024  # move a partial request this small to the front rather
 _IOV_MAX = 1024
 _MAX_OPTIONS = 10_000  # a handshake that never ends is a client bug (or an attack)
 _BUF_SOCK = 4 * 1024 * 1024  # socket buffers: fewer syscalls for 1 MiB requests
+_OUT_HIGH = 8 * 1024 * 1024  # transport write buffer limit before we stop reading requests
+_MAX_OUT = 64 * 1024 * 1024  # reply bytes one pass may queue: pipelined 32 MiB reads cannot OOM us
 
 LIVE_FLAGS = (P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_SEND_FUA | P.TF_SEND_TRIM
               | P.TF_SEND_WRITE_ZEROES | P.TF_CAN_MULTI_CONN)
@@ -164,6 +166,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._need = 4  # bytes from _start the next item needs (sizes the buffer)
         self._skip = 0  # payload bytes still to discard (oversized write/option)
         self._out: list[bytes | memoryview] = []
+        self._out_bytes = 0
+        self._more = False  # requests left in the buffer because _MAX_OUT was reached
+        self._writing_paused = False
         self._pending: list[WriteReq] = []
         self._pending_cookies: list[int] = []
         self._pending_fua = False
@@ -174,6 +179,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.conns.add(self)
+        transport.set_write_buffer_limits(high=_OUT_HIGH)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._fd = sock.fileno()
@@ -193,11 +199,15 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop taking new requests until it does.
+        self._writing_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        self._writing_paused = False
+        if self._more:
+            self._run()  # requests left over from a pass that hit _MAX_OUT
+        if self.transport is not None and not self.transport.is_closing() and not self._writing_paused:
             self.transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -206,19 +216,33 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._start = self._end = start = end = 0
         cap = len(self._buf)
         need = max(self._need, _HDR)
-        if start + need > cap or (cap - end < _MIN_FREE and end - start <= _CHEAP_MOVE):
-            self._make_room(need)
+        free = cap - end
+        if start + need <= cap:  # the next item fits where it is
+            if free < _MIN_FREE and end - start <= _CHEAP_MOVE:
+                self._make_room(need)  # but avoid recv dribbles at the very end of the buffer
+        elif start > 0 or free < _MIN_FREE:
+            self._make_room(need)  # move it to the front, growing the buffer as its bytes arrive
         return self._mv[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
-        try:
-            self._process()
-        except Exception as e:  # a bug here must cost one connection, never the server
-            log.error("NBD connection %s failed: %r", self.peer, e, exc_info=e)
-            self._abort()
-            return
-        self._send()
+        self._run()
+
+    def _run(self) -> None:
+        """Handle what the buffer holds, sending replies after each pass of at most _MAX_OUT bytes."""
+        while True:
+            self._more = False
+            try:
+                self._process()
+            except Exception as e:  # a bug here must cost one connection, never the server
+                log.error("NBD connection %s failed: %r", self.peer, e, exc_info=e)
+                self._abort()
+                return
+            self._send()
+            if not self._more or self._state == _ST_CLOSED:
+                return
+            if self._writing_paused:  # resume_writing() continues
+                return
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -231,7 +255,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         cap = len(self._buf)
         want = max(need, n) + _MIN_FREE
         if want > cap or start < n:  # grow, or the move would overlap: copy into a new buffer
-            new = bytearray(max(cap, want))
+            # grow at most 2x per step: a client announcing a 32 MiB write and sending nothing
+            # does not get 32 MiB of our memory until the bytes actually come
+            new = bytearray(max(cap, min(want, 2 * max(cap, n + _MIN_FREE))))
             new[:n] = self._mv[start:end]
             self._buf = new
             self._mv = memoryview(new)
@@ -399,7 +425,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         unpack, pack = P.S_REQUEST.unpack_from, _REPLY.pack
         size = ex.size
         pending = self._pending
+        self._out_bytes = 0
         while True:
+            if self._out_bytes > _MAX_OUT:
+                self._more = True
+                break
             start = self._start
             avail = self._end - start
             if avail < _HDR:
@@ -469,6 +499,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                         else:
                             out.append(pack(P.SIMPLE_REPLY_MAGIC, 0, cookie))
                             out.append(got)
+                            self._out_bytes += length
                             continue
             elif cmd == P.CMD_FLUSH:
                 if pending:
