@@ -113,8 +113,7 @@ def _decide(store: Store, db: MapDB, p: Plan, points: list[tuple[int, int]]) -> 
         db.db.executemany("UPDATE records SET gone=1 WHERE seq=?", [(s,) for s in sorted(p.drop) if s > hz])
         db.db.execute("DELETE FROM records WHERE seq<?", (hz,))
         db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq<?", (hz,))
-        for s in sorted(p.drop):
-            db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq=?", (s,))
+        db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq IN (SELECT seq FROM records WHERE gone=1)")
         db.db.execute("DELETE FROM maps WHERE last_seq<=?", (hz,))
         db.db.execute("UPDATE maps SET kind='merged' WHERE first_seq<=?", (store.meta["kept_until"],))
 

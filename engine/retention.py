@@ -97,30 +97,35 @@ def plan(points: Iterable[tuple[int, int]], now: int, policy: Policy, pinned: It
     newest of them becomes the horizon, unless a pinned mark is older (history stops there).
     """
     pins = set(pinned)
-    best: dict[tuple[int, int], int] = {}
-    fading: list[int] = []
     pts = list(points)
-    for seq, t in pts:
-        age = now - t
-        tier_i = next((i for i, tr in enumerate(policy.tiers) if age <= tr.age), -1)
-        if tier_i < 0:
-            fading.append(seq)
-            continue
-        step = policy.tiers[tier_i].step
-        key = (tier_i, seq if step == 0 else t // step)
-        if best.get(key, -1) < seq:
-            best[key] = seq
-    keep = set(best.values()) | (pins & {s for s, _ in pts})
+    seqs = [q for q, _ in pts]
+    times = [t for _, t in pts]  # non-decreasing with seq
+    keep: set[int] = set()
+    per_tier = [0] * len(policy.tiers)
+    hi = len(pts)
+    for i, tr in enumerate(policy.tiers):
+        lo = bisect.bisect_left(times, now - tr.age)  # points in [lo, hi) belong to tier i
+        if tr.step == 0:
+            keep.update(seqs[lo:hi])
+            per_tier[i] = hi - lo
+        else:
+            last = None
+            for k in range(hi - 1, lo - 1, -1):  # newest point of each bucket
+                b = times[k] // tr.step
+                if b != last:
+                    keep.add(seqs[k])
+                    per_tier[i] += 1
+                    last = b
+        hi = min(hi, lo)
+    fading = seqs[:hi]
+    keep |= pins & set(seqs)
     horizon = max(fading) if fading else None
     if horizon is not None:
         keep.add(horizon)  # the newest faded point becomes the horizon...
         older_pins = sorted(p for p in pins if p < horizon)
         if older_pins:
             horizon = older_pins[0]  # ...unless a pinned mark is older: history stops there
-    per_tier = [0] * len(policy.tiers)
-    for (ti, _), _s in best.items():
-        per_tier[ti] += 1
-    drop = {s for s, _ in pts} - keep
+    drop = set(seqs) - keep
     return Plan(keep, drop, horizon, per_tier)
 
 
