@@ -220,11 +220,17 @@ class MainWindow(QMainWindow):
         self.welcome.set_recent(self.recent())
 
     # -- opening ------------------------------------------------------------------------------------
-    def _add_view(self, title: str, demo: bool = False) -> VolumeView:
-        from .views.volume import VolumeView
+    def _add_view(self, title: str, demo: bool = False, start: Any = None) -> VolumeView:
+        """A volume view and its worker. `start(worker)` is called before the view is built, so
+        the store opens in the worker thread while this thread imports and lays out the view."""
         from .workers import VolumeWorker
 
         worker = VolumeWorker(title)
+        worker.opened.connect(lambda snap, w=worker: self._remember(str(w.link.dir)) if w.link else None)
+        if start is not None:
+            start(worker)
+        from .views.volume import VolumeView
+
         view = VolumeView(worker, title, demo=demo)
         self.views.append(view)
         self.stack.addWidget(view)
@@ -242,7 +248,6 @@ class MainWindow(QMainWindow):
         view.titleChanged.connect(refresh_item)
         view.statusChanged.connect(lambda snap, v=view: self._show_status(snap) if v is self.current_view() else None)
         view.notify.connect(self.notify)
-        worker.opened.connect(lambda snap, v=view: self._remember(str(v.worker.link.dir)) if v.worker.link else None)
         self.volume_list.setCurrentRow(self.volume_list.count() - 1)
         return view
 
@@ -251,9 +256,7 @@ class MainWindow(QMainWindow):
             if v.worker.link is not None and str(v.worker.link.dir) == str(Path(store_dir).absolute()):
                 self.volume_list.setCurrentRow(self.views.index(v) + 1)
                 return v
-        view = self._add_view(Path(store_dir).name)
-        view.worker.open(store_dir)
-        return view
+        return self._add_view(Path(store_dir).name, start=lambda w: w.open(store_dir))
 
     def open_protection(self) -> None:
         d = QFileDialog.getExistingDirectory(self, "Open a protection (its history folder)", str(Path.home()))
@@ -269,13 +272,11 @@ class MainWindow(QMainWindow):
             errdlg.show_error(self, "Cannot protect", "Pick both a disk image and a folder for its history.")
             return
         Path(store).parent.mkdir(parents=True, exist_ok=True)
-        view = self._add_view(Path(image).name)
-        view.worker.create(image, store, size)
+        self._add_view(Path(image).name, start=lambda w: w.create(image, store, size))
 
     def open_demo(self, interval: float = 0.15, seed: int | None = None) -> VolumeView:
-        view = self._add_view("Demo disk", demo=True)
-        view.worker.create_demo(self.demo_root, interval=interval, seed=seed)
-        return view
+        return self._add_view("Demo disk", demo=True,
+                              start=lambda w: w.create_demo(self.demo_root, interval=interval, seed=seed))
 
     def _on_select(self, row: int) -> None:
         if row <= 0:
@@ -401,6 +402,12 @@ def _install_excepthook(window_getter: Any) -> None:
     sys.excepthook = hook
 
 
+def preload() -> None:
+    """Import what a volume view needs (pyqtgraph, numpy, pytsk3: about a second) once the
+    window is on screen, so that opening the first protection does not pay for it."""
+    from .views import volume  # noqa: F401
+
+
 def make_app(argv: list[str] | None = None) -> QApplication:
     """The QApplication with our name, icon and palette (reused when one exists, as in tests)."""
     app = QApplication.instance()
@@ -426,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     window = MainWindow()
     _install_excepthook(lambda: window)
     window.show()
+    QTimer.singleShot(200, preload)
     for a in args:
         if a == "--demo":
             window.open_demo()

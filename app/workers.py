@@ -120,6 +120,9 @@ class VolumeWorker(QObject):
         self._stats_last_t: int | None = None
         self._closing = False
         self._listener = self._on_engine_event
+        # kept so a view made after the store opened (or failed) still learns of it
+        self.opened_snapshot: Snapshot | None = None
+        self.open_error: BaseException | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
     def _guard(self, what: str, fn: Callable[[], None]) -> Callable[[], None]:
@@ -130,6 +133,8 @@ class VolumeWorker(QObject):
                 fn()
             except Exception as e:  # noqa: BLE001 - reported, never fatal
                 e.__rewind_traceback__ = traceback.format_exc()  # type: ignore[attr-defined]
+                if what in ("open", "create", "demo") and self.link is None:
+                    self.open_error = e
                 self.failed.emit(what, e)
         return run
 
@@ -170,7 +175,9 @@ class VolumeWorker(QObject):
         self.link = link
         self.builder = PreviewBuilder(link)
         link.add_listener(self._listener)
-        self.opened.emit(self._snapshot())
+        snap = self._snapshot()
+        self.opened_snapshot = snap
+        self.opened.emit(snap)
 
     # -- demo workload --------------------------------------------------------------------------
     def start_demo(self, interval: float = 0.15, seed: int | None = None) -> None:

@@ -99,8 +99,14 @@ class VolumeView(QWidget):
         self.export_path = ""
         self._undo_mark = ""
         self.shown_gen = 0  # generation of the preview on screen (benchmarks wait on it)
+        self._opened = False
         self._build()
         self._connect()
+        # the store may have opened (or failed) before this view existed: catch up
+        if worker.opened_snapshot is not None:
+            QTimer.singleShot(0, lambda: self._on_opened(worker.opened_snapshot))
+        elif worker.open_error is not None:
+            QTimer.singleShot(0, lambda: self._on_failed("open", worker.open_error))
 
     # -- layout ---------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -250,13 +256,16 @@ class VolumeView(QWidget):
 
     # -- worker answers --------------------------------------------------------------------------
     def _on_opened(self, snap: Snapshot) -> None:
+        if self._opened:
+            return
+        self._opened = True
         if not self.demo:
             self.title = Path(snap.primary).name or self.title
         self.title_label.setText(self.title)
         self.titleChanged.emit(self.title)
-        self._set_enabled(True)
         self.pages.setCurrentIndex(1)
         self._on_snapshot(snap)
+        self._set_enabled(True)
         self.refresh_timer.start()
         self._want(("now", 0))
 
@@ -312,6 +321,9 @@ class VolumeView(QWidget):
         return "Protecting"
 
     def _on_failed(self, what: str, e: BaseException) -> None:
+        if what in ("open", "create", "demo") and self.snap is None:
+            if self.error is e:
+                return  # already reported (the catch-up and the signal both came)
         if what == "refresh":
             self._refresh_pending = False
             if self.snap is not None and self.snap.remote:
