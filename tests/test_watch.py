@@ -7,13 +7,14 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from rewind.engine.frontends.watch import SHADOW, Watcher, clone_file, watch_info, watch_protect
 from rewind.engine.store import Store
 
-SIZE = 32 << 20
+SIZE = 16 << 20
 
 
 def sha(p: Path) -> str:
@@ -24,7 +25,7 @@ def make_primary(path: Path) -> None:
     """Sparse, with data in a few places (so holes and data both get scanned)."""
     with open(path, "wb") as f:
         f.truncate(SIZE)
-        for off in (0, 5 << 20, 17 << 20):
+        for off in (0, 5 << 20, 11 << 20):
             f.seek(off)
             f.write(os.urandom(1 << 20))
 
@@ -86,6 +87,7 @@ def test_watch_dd_bursts_every_point_exported(tmp_path: Path) -> None:
         copies.append((store.head, tmp_path / "copy0.img"))
         shutil.copyfile(prim, copies[-1][1])
         for burst in range(1, 7):
+            before = w.scans
             for _ in range(rng.randint(1, 4)):
                 bs = rng.choice([512, 1000, 4096, 65536])
                 count = rng.randint(1, 16)
@@ -96,10 +98,15 @@ def test_watch_dd_bursts_every_point_exported(tmp_path: Path) -> None:
             if burst == 4:  # punch a hole: the hole path of the scan
                 subprocess.run(["fallocate", "-p", "-o", str(5 << 20), "-l", str(64 << 10), str(prim)],
                                check=False)
-            assert w.wait_idle(timeout=15), "watcher did not settle"
+            deadline = time.monotonic() + 15
+            while w.scans == before and time.monotonic() < deadline:  # the events made a scan
+                time.sleep(0.02)
+            assert w.scans > before, "no scan after the burst: change events were not seen"
+            assert w.wait_idle(timeout=15, settle=0.5), "watcher did not settle"
             copy = tmp_path / f"copy{burst}.img"
             shutil.copyfile(prim, copy)
             copies.append((store.head, copy))
+            assert w.scan().changed_blocks == 0, "the event-driven scans missed a change"
         w.stop()
         info = watch_info(store.dir)
         assert info is not None and info["watching"] is False and info["scans"] >= 6

@@ -504,18 +504,36 @@ class Watcher:
         self._save_state(watching=True, pid=os.getpid(), since_ns=time.time_ns())
         return self
 
+    def _stat_changed(self) -> bool:
+        """The file's mtime or size differs from what the last scan saw."""
+        try:
+            st = os.stat(self.primary)
+        except OSError:
+            return False
+        return (st.st_mtime_ns, st.st_size) != (self._state.get("mtime_ns"), self._state.get("file_size"))
+
     def wait_idle(self, timeout: float = 10.0, settle: float = 0.3) -> bool:
-        """Wait until no scan is due or running and no event came for `settle` s (tests, CLI)."""
-        end = time.monotonic() + timeout
+        """Wait until every change made before the call has been scanned (tests, CLI, console).
+
+        Idle: no scan due or running, no event for `settle` s (events of writes made just before
+        the call are still on their way), and the file's mtime and size are those the last scan
+        saw (a change whose event got lost is scanned now).
+        """
+        start = time.monotonic()
+        end = start + timeout
         with self._cv:
             while True:
                 now = time.monotonic()
-                quiet = now - self._last_kick >= settle
+                quiet = now - max(self._last_kick, start) >= settle
                 if not self._pending and not self._scanning and quiet:
-                    return True
+                    if self._thread is None or not self._stat_changed():
+                        return True
+                    self._pending = True  # a change without an event: scan it
+                    self._last_kick = now
+                    self._cv.notify_all()
                 if now >= end:
                     return False
-                self._cv.wait(min(0.05, end - now))
+                self._cv.wait(min(0.05, max(end - now, 0.001)))
 
     def stop(self) -> None:
         """Stop watching; a last scan catches changes that arrived since the previous one."""
