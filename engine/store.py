@@ -360,7 +360,7 @@ class Store:
                         self._primary.zero(h.block * bs, h.count * bs)
                         redo += 1
                 if h.kind != Kind.BASELINE:
-                    self._add_record(gen, h.seq, h.time_ns, h.kind, h.block, h.count, h.count * bs)
+                    self._add_record(gen, h.seq, h.time_ns, int(h.kind), h.block, h.count)
                 if h.kind == Kind.MARK:
                     gen.marks.append((rec.name, h.seq, h.time_ns, 0))
                 elif h.kind == Kind.UNMARK:
@@ -428,35 +428,31 @@ class Store:
         self._state = st
 
     # index generations -------------------------------------------------------------------
-    def _add_record(self, gen: _Gen, seq: int, t: int, kind: int, block: int, count: int, nbytes: int) -> None:
-        if (
-            self._map_id == 0
-            or self._mark_pending_roll
-            or t - self._map_first[1] >= MAP_SPAN_NS
-        ):
+    def _add_record(self, gen: _Gen, seq: int, t: int, kind: int, block: int, count: int) -> None:
+        """Hot path: a records row and the map it belongs to; aggregates are made at commit."""
+        if self._mark_pending_roll or t - self._map_first[1] >= MAP_SPAN_NS or self._map_id == 0:
             self._map_id += 1
             self._map_first = (seq, t)
             self._mark_pending_roll = False
         gen.records.append((seq, t, int(kind), block, count, self._map_id))
-        fs, ft = self._map_first
-        prev = gen.maps.get(self._map_id)
-        entries = (prev[5] if prev else 0) + (count if kind in (Kind.WRITE, Kind.ZERO) else 0)
-        gen.maps[self._map_id] = (fs, seq, ft, t, "live", entries)
         if kind == Kind.MARK:
             self._mark_pending_roll = True
-        if kind in (Kind.WRITE, Kind.ZERO):
-            sec = t // 10**9
-            s = gen.stats.get(sec)
-            if s is None:
-                gen.stats[sec] = [1, nbytes, 0]
-            else:
-                s[0] += 1
-                s[1] += nbytes
 
     def _commit(self, gen: _Gen) -> None:
         """Write one generation to SQLite (indexer thread, or recovery)."""
-        for s in gen.stats.values():
-            s[2] = self.journal_bytes_estimate()
+        bs = self.block_size
+        jb = self.journal_bytes_estimate()
+        for seq, t, kind, _block, count, mid in gen.records:
+            m = gen.maps.get(mid)
+            n = 0 if kind == Kind.MARK else count
+            gen.maps[mid] = (seq, seq, t, t, "live", n) if m is None else (m[0], seq, m[2], t, "live", m[5] + n)
+            if n:
+                st = gen.stats.get(t // 10**9)
+                if st is None:
+                    gen.stats[t // 10**9] = [1, n * bs, jb]
+                else:
+                    st[0] += 1
+                    st[1] += n * bs
         meta: dict[str, Any] = {
             "map_id": self._map_id,
             "map_first_seq": self._map_first[0],
@@ -643,12 +639,14 @@ class Store:
                 versions.extend(zip(range(b0, b0 + count), repeat(seq), repeat(ZERO_LOC), repeat(0)))
             elif kind == Kind.MARK:
                 pass
+            elif count == 1:
+                versions.append((b0, aux if kind == Kind.BASELINE else seq, base + rel + 4, crcs[0]))
             else:
                 loc0 = base + rel + 4 * count
                 key = aux if kind == Kind.BASELINE else seq
                 versions.extend(zip(range(b0, b0 + count), repeat(key), range(loc0, loc0 + count * bs, bs), crcs))
             if kind != Kind.BASELINE:
-                self._add_record(gen, seq, t, kind, b0, count, count * bs)
+                self._add_record(gen, seq, t, kind, b0, count)
             gen.last_seq = seq
         gen.end_pos = (segno, start + batch.nbytes)
         for off, x in batch.prim:

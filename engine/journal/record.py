@@ -9,6 +9,7 @@ crc table (or the whole payload for MARK records), so no field is used before it
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -17,6 +18,8 @@ import crc32c as _crc32c
 MAGIC = b"RWJ1"
 HEADER = struct.Struct("<4sBBHQQQIIQII")
 HEADER_SIZE = HEADER.size  # 56
+_HEAD48 = struct.Struct("<4sBBHQQQIIQ")
+_TAIL = struct.Struct("<II")
 assert HEADER_SIZE == 56
 SEGMENT_MAGIC = b"RWSEG\x00\x01\x00"
 SEGMENT_HEADER = struct.Struct("<8sQ")
@@ -35,9 +38,8 @@ class Kind(IntEnum):
     UNMARK = 5  # a mark removed; payload = UTF-8 name
 
 
-def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-    """crc32c (Castagnoli), hardware-accelerated where the CPU has it."""
-    return int(_crc32c.crc32c(data, value))
+crc32c: Callable[..., int] = _crc32c.crc32c
+"""crc32c(data, value=0): CRC-32C (Castagnoli), hardware-accelerated where the CPU has it."""
 
 
 ZERO_BLOCK_CRC: dict[int, int] = {}
@@ -85,14 +87,14 @@ def encode_header(
     kind: Kind, seq: int, time_ns: int, block: int, count: int, paylen: int, aux: int, covered: bytes
 ) -> bytes:
     """Pack a header whose crc covers the header fields and `covered` (crc table or mark name)."""
-    raw = HEADER.pack(MAGIC, int(kind), 0, HEADER_SIZE, seq, time_ns, block, count, paylen, aux, 0, 0)
-    c = crc32c(raw[:48])
-    c = crc32c(covered, c)
-    return raw[:48] + struct.pack("<II", c, 0)
+    raw = _HEAD48.pack(MAGIC, int(kind), 0, HEADER_SIZE, seq, time_ns, block, count, paylen, aux)
+    return raw + _TAIL.pack(crc32c(covered, crc32c(raw)), 0)
 
 
 def block_crcs(data: bytes | bytearray | memoryview, block_size: int) -> list[int]:
     """crc32c of each block of `data` (a whole number of blocks)."""
+    if len(data) == block_size:
+        return [crc32c(data)]
     mv = memoryview(data)
     return [crc32c(mv[i : i + block_size]) for i in range(0, len(mv), block_size)]
 
