@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -993,7 +993,7 @@ class Store:
             raise BadInput("export into the primary or the store itself is not allowed: pick another file")
         size = self.size
 
-        def body(check: Callable[[], None]) -> Iterator[Progress]:
+        def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
             tmp = dest.with_name(f".{dest.name}.rewind-partial")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             ok = False
@@ -1023,7 +1023,7 @@ class Store:
         """Job: make the primary equal to POINT in place, journaled, after marking the present."""
         seq = self.resolve(point)
 
-        def body(check: Callable[[], None]) -> Iterator[Progress]:
+        def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
             n = 1
             while self._find_mark(f"before-rewind-{n}") is not None:
                 n += 1
@@ -1057,7 +1057,7 @@ class Store:
     def verify(self) -> Job:
         """Job: check every record's checksums and every index entry against the journal."""
 
-        def body(check: Callable[[], None]) -> Iterator[Progress]:
+        def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
             from .verify import verify_store
 
             result = yield from verify_store(self, check)
@@ -1107,12 +1107,12 @@ class Store:
 
     def over_limit(self) -> bool:
         limit = (self.meta.get("retention") or {}).get("max_size")
-        return bool(limit) and self.space_used() > int(limit)
+        return limit is not None and limit > 0 and self.space_used() > int(limit)
 
     def fade(self, throttle: float = 0.0) -> Job:
         """Job: apply retention now; past the space limit (policy "fade") fade early too."""
 
-        def body(check: Callable[[], None]) -> Iterator[Progress]:
+        def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
             from .fade import fade_body
 
             result = yield from fade_body(self, check, throttle)

@@ -136,4 +136,4 @@ def decode_header(raw: bytes, block_size: int) -> Header:
 def header_crc_ok(raw: bytes, covered: bytes | memoryview) -> bool:
     c = crc32c(raw[:48])
     c = crc32c(covered, c)
-    return c == struct.unpack_from("<I", raw, 48)[0]
+    return bool(c == struct.unpack_from("<I", raw, 48)[0])

@@ -279,7 +279,7 @@ class Journal:
 
     def torn_ranges(self, segno: int, offset: int) -> list[tuple[int, int]]:
         """(block, count) of the WRITE/ZERO records whose headers survive in a torn tail."""
-        out = []
+        out: list[tuple[int, int]] = []
         with open(self.seg_path(segno), "rb") as f:
             pos = offset
             while True:

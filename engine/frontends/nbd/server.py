@@ -654,7 +654,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._state != _ST_CLOSED:
             with contextlib.suppress(Exception):
                 if self._pending:
-                    self._apply_pending()
+                    self._apply_pending(inline=True)
                     self._send()
             self._state = _ST_CLOSED
         if self.transport is not None:
@@ -729,6 +729,7 @@ class NbdServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[NbdConnection] = set()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stopped = False
 
     # addresses
@@ -764,8 +765,12 @@ class NbdServer:
         loop = asyncio.get_running_loop()
         self._loop = loop
 
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="rewind-nbd-io")
+        executor = self._executor
+
         def factory() -> NbdConnection:
-            return NbdConnection(self.store, self._conns)
+            return NbdConnection(self.store, self._conns, executor)
 
         if self._kind == "unix":
             if not self._path:
@@ -791,6 +796,8 @@ class NbdServer:
         finally:
             self._close_all()
             self._cleanup_path()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
             await asyncio.get_running_loop().run_in_executor(None, self.store.live.flush)
 
     def start(self) -> NbdServer:
@@ -842,6 +849,8 @@ class NbdServer:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(halt)
             thread.join(timeout=30)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)  # write batches still in a worker finish first
         self._cleanup_path()
         self.store.live.flush()
 
