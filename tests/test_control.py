@@ -4,6 +4,7 @@ through RemoteStore (the console's way to attach to a running `rewind serve`).""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -238,13 +239,23 @@ def test_client_checks_replies(tmp_path: Path) -> None:
         {"nothing": 1},
     ]
 
+    feed = iter(replies)
+
     def serve() -> None:
-        for reply in replies:  # the client reconnects after each protocol error: one reply each
-            conn, _ = listener.accept()
+        # One reply per request, in order, on whichever connection asks (the client reconnects
+        # after an error that may have broken the framing).
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
             with conn:
-                if LineReader(conn, 1 << 20).readline() is None:
-                    return
-                conn.sendall(encode(reply))
+                reader = LineReader(conn, 1 << 20)
+                while reader.readline() is not None:
+                    reply = next(feed, None)
+                    if reply is None:
+                        return
+                    conn.sendall(encode(reply))
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
@@ -260,5 +271,7 @@ def test_client_checks_replies(tmp_path: Path) -> None:
         with pytest.raises(ProtocolError):
             call()
     rs.close()
-    t.join(5)
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)
     listener.close()
+    t.join(5)
