@@ -587,7 +587,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         got.append(signum)
         stop.set()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     started: list[Any] = []
     store = Store.open(d)
     _report_recovery(store)

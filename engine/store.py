@@ -21,9 +21,10 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput, CorruptionError, NoSpace, PointError, ReadOnlyError, RewindError, StoreLocked
-from .fade import finish_compaction
+from . import view
+from .errors import BadInput, CorruptionError, NoSpace, PointError, RewindError, StoreLocked
 from .jobs import Job, Progress
+from .jobs.fade import finish_compaction
 from .journal.record import (
     HEADER_SIZE,
     MAX_RECORD_BYTES,
@@ -31,13 +32,13 @@ from .journal.record import (
     block_crcs,
     encode_header,
     pack_table,
-    zero_crc,
 )
 from .journal.segments import ZERO_LOC, Journal, TornTail, make_loc, segment_name
 from .maps import MapDB, MapInfo, Mark, Version
 from .points import check_mark_name, format_ns, parse_point
 from .primary import Primary
 from .retention import DEFAULT_POLICY, Policy
+from .view import HOLE, TOUCHED, UNTOUCHED, Volume
 
 FORMAT = 1
 MAP_SPAN_NS = 60 * 10**9  # a new delta map at least every minute of writes
@@ -46,10 +47,6 @@ SYNC_INTERVAL_S = 1.0  # group commit: appended records become durable within th
 WRITE_RECORD_BYTES = 32 << 20
 assert WRITE_RECORD_BYTES <= MAX_RECORD_BYTES
 
-# Per-block state in the copy-on-first-write bitmap.
-UNTOUCHED = 0  # no version since the horizon; primary still holds its horizon contents
-TOUCHED = 1  # has versions in the index
-HOLE = 2  # untouched and a hole in the image: its horizon contents are zeros, no baseline needed
 
 Listener = Callable[[str, dict[str, Any]], None]
 Req = tuple[str, int, Any]
@@ -104,55 +101,6 @@ class _Gen:
 
     def empty(self) -> bool:
         return not (self.versions or self.records or self.marks or self.unmarks or self.stats or self.last_seq)
-
-
-class Volume:
-    """The live volume (read-write) or a past point (read-only): what front ends serve."""
-
-    def __init__(self, store: Store, seq: int | None) -> None:
-        self._store = store
-        self._seq = seq
-        self.size = store.size
-        self.block_size = store.block_size
-        self.readonly = seq is not None
-
-    @property
-    def seq(self) -> int:
-        return self._store.head if self._seq is None else self._seq
-
-    @property
-    def time_ns(self) -> int:
-        return self._store.point_time(self.seq)
-
-    def read(self, off: int, n: int) -> bytes:
-        return self._store._read(self._seq, off, n)
-
-    def _rw(self) -> None:
-        if self.readonly:
-            raise ReadOnlyError(f"the volume at seq:{self._seq} is read-only: export it or rewind to it")
-
-    def write(self, off: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
-        self._rw()
-        self._store._write_many([("write", off, data)], fua)
-
-    def zero(self, off: int, n: int, fua: bool = False) -> None:
-        self._rw()
-        self._store._write_many([("zero", off, n)], fua)
-
-    def trim(self, off: int, n: int, fua: bool = False) -> None:
-        self._rw()
-        self._store._write_many([("trim", off, n)], fua)
-
-    def write_many(self, reqs: list[Req], fua: bool = False) -> None:
-        self._rw()
-        self._store._write_many(reqs, fua)
-
-    def flush(self) -> None:
-        if not self.readonly:
-            self._store.flush()
-
-    def changes_since(self, point: str | int) -> list[tuple[int, int]]:
-        return self._store.diff(point, self.seq)
 
 
 class Store:
@@ -699,82 +647,10 @@ class Store:
 
     # read path ---------------------------------------------------------------------------
     def _version(self, block: int, seq: int) -> Version | None:
-        """Newest version of `block` at or before `seq`: pending generations, then SQLite."""
-        for gen in (self._gen, *reversed(self._frozen)):
-            v = gen.lookup(block, seq)
-            if v is not None:
-                return v
-        return self._db.newest(block, seq)
+        return view.version_at(self, block, seq)
 
     def _read(self, seq: int | None, off: int, n: int, indexed: bool = False) -> bytes:
-        self._check_range(off, n)
-        if n == 0:
-            return b""
-        with self._lock:
-            if seq is None or (seq >= self._head and not indexed):
-                return self._primary.pread(off, n)
-            if seq < int(self.meta["horizon_seq"]):
-                raise PointError(f"seq:{seq} is older than the horizon")
-            bs = self.block_size
-            a, e = off // bs, -(-(off + n) // bs)
-            out = bytearray((e - a) * bs)
-            prim_run: list[int] = []  # [start, end) block run read from the primary
-            jrun: list[int] = []  # [start block, end block, first loc] contiguous in the journal
-            jcrcs: list[int] = []
-
-            def flush_prim() -> None:
-                if prim_run:
-                    s, t = prim_run
-                    out[(s - a) * bs : (t - a) * bs] = self._primary.pread(s * bs, (t - s) * bs)
-                    prim_run.clear()
-
-            def flush_journal() -> None:
-                if jrun:
-                    s, t, loc = jrun
-                    self._read_journal_run(out, (s - a) * bs, loc, jcrcs)
-                    jrun.clear()
-                    jcrcs.clear()
-
-            for b in range(a, e):
-                v = self._version(b, seq)
-                if v is None:
-                    flush_journal()
-                    if self._state[b] == TOUCHED:
-                        flush_prim()
-                        continue  # a hole at the horizon, first written after `seq`
-                    if prim_run and prim_run[1] == b:
-                        prim_run[1] = b + 1
-                    else:
-                        flush_prim()
-                        prim_run[:] = [b, b + 1]
-                    continue
-                flush_prim()
-                _, loc, crc = v
-                if loc == ZERO_LOC:
-                    flush_journal()
-                    continue
-                if jrun and jrun[1] == b and jrun[2] + (b - jrun[0]) * bs == loc:
-                    jrun[1] = b + 1
-                    jcrcs.append(crc)
-                else:
-                    flush_journal()
-                    jrun[:] = [b, b + 1, loc]
-                    jcrcs.append(crc)
-            flush_prim()
-            flush_journal()
-            lo = off - a * bs
-            return bytes(out[lo : lo + n])
-
-    def _read_journal_run(self, out: bytearray, pos: int, loc: int, crcs: list[int]) -> None:
-        from .journal.record import crc32c
-
-        bs = self.block_size
-        data = self.journal.pread(loc, len(crcs) * bs)
-        mv = memoryview(data)
-        for i, c in enumerate(crcs):
-            if crc32c(mv[i * bs : (i + 1) * bs]) != c:
-                self.journal.read_block(loc + i * bs, c)  # raises CorruptionError with the location
-        out[pos : pos + len(data)] = data
+        return view.read_at(self, seq, off, n, indexed)
 
     def at(self, point: str | int) -> Volume:
         """A read-only view of the volume at a point in time."""
@@ -939,35 +815,7 @@ class Store:
     # diff --------------------------------------------------------------------------------
     def changed_blocks(self, a: str | int, b: str | int) -> list[int]:
         """Blocks whose contents differ between two points, found from the maps (claim 3)."""
-        sa, sb = self.resolve(a), self.resolve(b)
-        if sa > sb:
-            sa, sb = sb, sa
-        if sa == sb:
-            return []
-        self._index_sync()
-        with self._lock:
-            cand: set[int] = set()
-            for blk, cnt in self._db.changed_between(sa, sb):
-                cand.update(range(blk, blk + cnt))
-            out = []
-            for blk in sorted(cand):
-                if self._block_id(blk, sa) != self._block_id(blk, sb):
-                    if self._read(sa, blk * self.block_size, self.block_size) != self._read(
-                        sb, blk * self.block_size, self.block_size
-                    ):
-                        out.append(blk)
-            return out
-
-    def _block_id(self, block: int, seq: int) -> tuple[int, int]:
-        """(kind, crc) identity of a block's contents at `seq`, without reading it when possible."""
-        v = self._version(block, seq)
-        if v is None:
-            if self._state[block] == TOUCHED:
-                return (0, zero_crc(self.block_size))
-            return (1, block)  # still the horizon contents in the primary
-        if v[1] == ZERO_LOC:
-            return (0, zero_crc(self.block_size))
-        return (0, v[2])
+        return view.changed_blocks(self, self.resolve(a), self.resolve(b))
 
     def diff(self, a: str | int, b: str | int) -> list[tuple[int, int]]:
         """(offset, length) byte ranges that differ between two points."""
@@ -983,82 +831,21 @@ class Store:
     # jobs --------------------------------------------------------------------------------
     def export(self, point: str | int, out: str | Path) -> Job:
         """Job: write OUT, a sparse raw image equal to the volume at POINT (claim 5)."""
-        seq = self.resolve(point)
-        dest = Path(out).absolute()
-        if dest.is_dir():
-            raise BadInput(f"{dest} is a directory: give a file name for the exported image")
-        if not dest.parent.is_dir():
-            raise BadInput(f"{dest.parent} does not exist: create it first")
-        if str(dest) == self.primary_path or self.dir in dest.parents:
-            raise BadInput("export into the primary or the store itself is not allowed: pick another file")
-        size = self.size
+        from .jobs.export import export_job
 
-        def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
-            tmp = dest.with_name(f".{dest.name}.rewind-partial")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            ok = False
-            try:
-                os.ftruncate(fd, size)
-                chunk = 4 << 20
-                zeros = bytes(chunk)
-                for off in range(0, size, chunk):
-                    check()
-                    n = min(chunk, size - off)
-                    data = self._read(seq, off, n)
-                    if data != zeros[:n]:
-                        os.pwrite(fd, data, off)
-                    yield Progress("export", off + n, size)
-                os.fsync(fd)
-                os.rename(tmp, dest)
-                ok = True
-            finally:
-                os.close(fd)
-                if not ok:
-                    tmp.unlink(missing_ok=True)
-            return str(dest)
-
-        return Job("export", body)
+        return export_job(self, self.resolve(point), out)
 
     def rewind(self, point: str | int) -> Job:
         """Job: make the primary equal to POINT in place, journaled, after marking the present."""
-        seq = self.resolve(point)
+        from .jobs.rewind import rewind_job
 
-        def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
-            n = 1
-            while self._find_mark(f"before-rewind-{n}") is not None:
-                n += 1
-            name = f"before-rewind-{n}"
-            here = self.mark(name).seq
-            self._emit("rewind-start", {"mark": name, "to_seq": seq})
-            blocks = self.changed_blocks(seq, here)
-            bs = self.block_size
-            runs: list[tuple[int, int]] = []
-            for b in blocks:
-                if runs and runs[-1][1] == b and runs[-1][1] - runs[-1][0] < 256:
-                    runs[-1] = (runs[-1][0], b + 1)
-                else:
-                    runs.append((b, b + 1))
-            done = 0
-            for s, e in runs:
-                check()
-                data = self._read(seq, s * bs, (e - s) * bs)
-                if data.count(0) == len(data):
-                    self._write_many([("zero", s * bs, len(data))], False)
-                else:
-                    self._write_many([("write", s * bs, data)], False)
-                done += e - s
-                yield Progress("rewind", done, len(blocks))
-            self.flush()
-            self._emit("rewind", {"mark": name, "to_seq": seq, "blocks": len(blocks)})
-            return name
-
-        return Job("rewind", body)
+        return rewind_job(self, self.resolve(point))
 
     def verify(self) -> Job:
         """Job: check every record's checksums and every index entry against the journal."""
 
         def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
-            from .verify import verify_store
+            from .jobs.verify import verify_store
 
             result = yield from verify_store(self, check)
             if result:
@@ -1113,7 +900,7 @@ class Store:
         """Job: apply retention now; past the space limit (policy "fade") fade early too."""
 
         def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
-            from .fade import fade_body
+            from .jobs.fade import fade_body
 
             result = yield from fade_body(self, check, throttle)
             steps = 0

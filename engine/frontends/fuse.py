@@ -105,6 +105,7 @@ class _Ops(mfusepy.Operations):  # type: ignore[misc]
         self._gid = os.getgid()
         self._t0 = time.time_ns()
         self._live_mtime = self._t0
+        self._seen: dict[str, int] = {}  # at/ name -> seq it meant at its last open
 
     # --- helpers --------------------------------------------------------------------------
     def _resolve(self, point: str) -> int:
@@ -220,14 +221,29 @@ class _Ops(mfusepy.Operations):  # type: ignore[misc]
                     raise OSError(errno.EROFS, f"{path} is a past point and read-only; use {point}.rw.img")
                 seq = self._resolve(point)
                 h = _Handle(self._store.at(seq), "at")
-                fi.keep_cache = 1
+                if point.startswith(("seq:", "mark:")):
+                    # Stable contents: keep the page cache across opens unless the name now
+                    # means another seq (a mark removed and made again).
+                    with self._lock:
+                        fi.keep_cache = int(self._seen.get(point) == seq)
+                        self._seen[point] = seq
+                else:
+                    # now, -5m, ISO times: the same name means newer contents later, and the
+                    # kernel's page cache is per file, not per open: no caching.
+                    fi.direct_io = 1
+                    fi.keep_cache = 0
+                    fi.fh = self._add(h)
+                    return 0
         fi.direct_io = 0
+        fi.fh = self._add(h)
+        return 0
+
+    def _add(self, h: _Handle) -> int:
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = h
-        fi.fh = fh
-        return 0
+        return fh
 
     def _h(self, fi: Any) -> _Handle:
         try:

@@ -19,9 +19,8 @@ from collections.abc import Callable, Generator
 from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptionError
-from .jobs import Progress
-from .journal.record import (
+from ..errors import CorruptionError
+from ..journal.record import (
     HEADER_SIZE,
     SEGMENT_HEADER,
     SEGMENT_HEADER_SIZE,
@@ -31,9 +30,11 @@ from .journal.record import (
     encode_header,
     pack_table,
 )
-from .journal.segments import LOC_SHIFT, ZERO_LOC, make_loc, split_loc
-from .maps import MapDB
-from .retention import Plan, plan, removable_versions
+from ..journal.segments import LOC_SHIFT, ZERO_LOC, make_loc, split_loc
+from ..maps import MapDB
+from ..retention import Plan, plan, removable_versions
+from ..view import UNTOUCHED
+from . import Progress
 
 if TYPE_CHECKING:
     from .store import Store
@@ -175,7 +176,7 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
             with db.db:
                 db.db.executemany("DELETE FROM versions WHERE block=? AND seq=?", ok)
             for b, _ in ok:
-                store._state[b] = 0  # UNTOUCHED: a new baseline is taken on the next overwrite
+                store._state[b] = UNTOUCHED  # a new baseline is taken on the next overwrite
         released += len(ok)
         yield Progress("release", min(i + CHUNK, len(cand)), len(cand))
         if throttle:

@@ -6,10 +6,10 @@ import bisect
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
-from .errors import CorruptionError
-from .jobs import Progress
-from .journal.record import Kind
-from .journal.segments import ZERO_LOC, TornTail, segment_name, split_loc
+from ..errors import CorruptionError
+from ..journal.record import Kind
+from ..journal.segments import ZERO_LOC, TornTail, segment_name, split_loc
+from . import Progress
 
 if TYPE_CHECKING:
     from .store import Store
