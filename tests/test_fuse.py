@@ -268,3 +268,18 @@ def test_rewind_drops_stale_page_cache(fview: tuple[Store, FuseView]) -> None:
         store.rewind("mark:ones").run()
         f.seek(0)
         assert f.read(8192) == b"1" * 8192
+
+
+def test_moving_names_are_not_served_from_a_stale_cache(fview: tuple[Store, FuseView]) -> None:
+    """at/now.img means newer contents after each write; at/seq:N.img never changes."""
+    store, view = fview
+    now = view.mountpoint / "at" / "now.img"
+    store.live.write(0, b"a" * 4096)
+    first = store.head
+    with open(now, "rb", buffering=0) as f:
+        assert f.read(4096) == b"a" * 4096
+    store.live.write(0, b"b" * 4096)
+    with open(now, "rb", buffering=0) as f:
+        assert f.read(4096) == b"b" * 4096
+    with open(view.point_path(first), "rb", buffering=0) as f:
+        assert f.read(4096) == b"a" * 4096
