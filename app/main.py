@@ -377,6 +377,14 @@ class MainWindow(QMainWindow):
             if choice == 2:
                 event.ignore()
                 return
+        elif served:
+            if errdlg.ask(self, "Volumes are being served",
+                          f"{len(served)} volume(s) are served: quitting stops serving and protecting them.",
+                          "Programs using them (VMs, mounts) lose their disk. Quit anyway?",
+                          ("Stop and quit", "Cancel")) != 0:
+                event.ignore()
+                self._quitting = False
+                return
         for v in list(self.views):
             self.close_view(v, ask=False)
         if self.tray is not None:

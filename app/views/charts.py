@@ -18,6 +18,13 @@ from ..format import human_bytes, human_time
 from ..theme import colors, configure_charts
 
 
+def with_alpha(color: str | QColor, alpha: int) -> QColor:
+    """A colour with transparency (Qt reads 8-digit hex as #AARRGGBB, not #RRGGBBAA)."""
+    c = QColor(color)
+    c.setAlpha(alpha)
+    return c
+
+
 class TimeAxis(pg.DateAxisItem):
     """DateAxisItem that labels whole seconds as wall-clock times (12:42:49), not as '49.000'."""
 
@@ -29,11 +36,14 @@ class TimeAxis(pg.DateAxisItem):
         elif spacing >= 1 or all(float(v).is_integer() for v in values):
             fmt = "%H:%M:%S"
         else:
-            return list(super().tickStrings(values, scale, spacing))
+            fmt = "%H:%M:%S.ms"
         out = []
         for v in values:
             try:
-                out.append(time.strftime(fmt, time.localtime(v)))
+                if fmt.endswith(".ms") and not float(v).is_integer():
+                    out.append(f".{int(round((v % 1) * 1000)):03d}")  # short: the whole seconds carry the time
+                else:
+                    out.append(time.strftime(fmt.replace(".ms", ""), time.localtime(v)))
             except (OverflowError, ValueError, OSError):
                 out.append("")
         return out
@@ -65,31 +75,43 @@ class StatSeries:
             self.journal.append(int(r.journal_bytes))
 
     def arrays(self, until: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """x (s), MB/s, writes/s, journal MiB with zeros filled into quiet gaps (rows exist only
-        for seconds with writes) so the rate drops to zero between bursts."""
+        """x (s), MB/s, writes/s, journal MiB as steps: each row covers its second [t, t+1), and
+        the rates drop to zero over quiet gaps (rows exist only for seconds with writes), so a
+        burst inside one second still shows as a bar."""
         if not self.t:
             return (np.zeros(0),) * 4  # type: ignore[return-value]
-        t = np.asarray(self.t, dtype=np.float64) + 0.5  # a row covers [t, t+1): draw it in the middle
+        t = np.asarray(self.t, dtype=np.float64)
         w = np.asarray(self.writes, dtype=np.float64)
         b = np.asarray(self.bytes, dtype=np.float64) / 1e6
         j = np.asarray(self.journal, dtype=np.float64) / 2**20
-        gaps = np.nonzero(np.diff(t) > 1)[0]
-        if len(gaps):
-            # a zero just after each burst and just before the next one
-            gt = np.concatenate([t[gaps] + 1, t[gaps + 1] - 1])
-            gj = np.concatenate([j[gaps], j[gaps]])
-            t = np.concatenate([t, gt])
-            w = np.concatenate([w, np.zeros(len(gt))])
-            b = np.concatenate([b, np.zeros(len(gt))])
-            j = np.concatenate([j, gj])
-            order = np.argsort(t, kind="stable")
-            t, w, b, j = t[order], w[order], b[order], j[order]
-        if until is not None and until > t[-1] + 1:
-            t = np.append(t, [t[-1] + 1, until])
-            w = np.append(w, [0, 0])
-            b = np.append(b, [0, 0])
-            j = np.append(j, [j[-1], j[-1]])
-        return t, b, w, j
+        n = len(t)
+        gap = np.append(t[1:] > t[:-1] + 1, True)  # a quiet stretch (or the end) after row i
+        # per row: (t, v), (t+1, v), and after a gap (t+1, 0) for the rates
+        x = np.column_stack([t, t + 1, t + 1]).ravel()
+        keep = np.column_stack([np.ones(n, bool), np.ones(n, bool), gap]).ravel()
+
+        def rate(v: np.ndarray) -> np.ndarray:
+            return np.column_stack([v, v, np.zeros(n)]).ravel()[keep]
+
+        x = x[keep]
+        mb, ops = rate(b), rate(w)
+        jr = np.column_stack([j, j, j]).ravel()[keep]
+        # the zero of a gap starts the next burst from zero as well
+        starts = np.concatenate([[True], gap[:-1]])
+        sx = t[starts]
+        x = np.concatenate([x, sx])
+        mb = np.concatenate([mb, np.zeros(len(sx))])
+        ops = np.concatenate([ops, np.zeros(len(sx))])
+        prev_j = np.concatenate([[0.0], j[:-1]])[starts]
+        jr = np.concatenate([jr, prev_j])
+        order = np.lexsort((np.concatenate([np.ones(len(x) - len(sx)), np.zeros(len(sx))]), x))
+        x, mb, ops, jr = x[order], mb[order], ops[order], jr[order]
+        if until is not None and until > x[-1]:
+            x = np.append(x, until)
+            mb = np.append(mb, 0.0)
+            ops = np.append(ops, 0.0)
+            jr = np.append(jr, jr[-1])
+        return x, mb, ops, jr
 
 
 class Charts(QWidget):
@@ -116,6 +138,7 @@ class Charts(QWidget):
             p.showGrid(x=True, y=True, alpha=0.15)
             p.setMenuEnabled(False)
             p.getAxis("left").setWidth(52)
+            p.getAxis("left").enableAutoSIPrefix(False)
             p.setMouseEnabled(x=True, y=False)
             p.vb.sigRangeChangedManually.connect(self._user_zoomed)
         self.journal_plot.setXLink(self.rate_plot)
@@ -123,9 +146,9 @@ class Charts(QWidget):
         self.rate_plot.setLabel("left", "MB/s")
         self.journal_plot.setLabel("left", "journal MiB")
         self.rate_plot.setTitle("Writes", color=c.muted, size="9pt")
-        self.rate_plot.addLegend(offset=(8, 4), labelTextSize="8pt", brush=pg.mkBrush(c.background + "cc"))
+        self.rate_plot.addLegend(offset=(8, 4), labelTextSize="8pt", brush=pg.mkBrush(with_alpha(c.background, 0xcc)))
         self.rate_curve = self.rate_plot.plot(
-            pen=pg.mkPen(c.rate, width=1.5), fillLevel=0, brush=pg.mkBrush(QColor(c.rate).lighter(150).name() + "50"),
+            pen=pg.mkPen(c.rate, width=1.5), fillLevel=0, brush=pg.mkBrush(with_alpha(c.rate, 0x40)),
             name="MB/s")
         # writes/s on its own right-hand axis (a second ViewBox linked in x)
         self.ops_view = pg.ViewBox()
@@ -133,6 +156,7 @@ class Charts(QWidget):
         self.rate_plot.scene().addItem(self.ops_view)
         self.rate_plot.getAxis("right").linkToView(self.ops_view)
         self.rate_plot.getAxis("right").setLabel("writes/s")
+        self.rate_plot.getAxis("right").enableAutoSIPrefix(False)
         self.ops_view.setXLink(self.rate_plot)
         self.ops_view.setMouseEnabled(x=False, y=False)
         self.ops_curve = pg.PlotDataItem(pen=pg.mkPen(c.ops, width=1.2, style=Qt.PenStyle.DotLine))
@@ -145,7 +169,7 @@ class Charts(QWidget):
         self.journal_plot.showAxis("right")
         self.journal_plot.getAxis("right").setStyle(showValues=False)
         self.journal_curve = self.journal_plot.plot(pen=pg.mkPen(c.journal, width=1.8), fillLevel=0,
-                                                    brush=pg.mkBrush(QColor(c.journal).name() + "30"))
+                                                    brush=pg.mkBrush(with_alpha(c.journal, 0x30)))
         self.horizon_lines = [self._vline(p, c.horizon, "horizon", Qt.PenStyle.DashLine) for p in self._plots()]
         self.cursor_lines = [self._vline(p, c.cursor, "", Qt.PenStyle.SolidLine, width=2) for p in self._plots()]
         self.mark_lines: list[pg.InfiniteLine] = []

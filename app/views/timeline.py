@@ -91,7 +91,8 @@ class Timeline(QWidget):
         lo, hi = self.t_min / 1e9, self.t_max / 1e9
         if hi <= lo:
             hi = lo + 1
-        hist, _ = np.histogram(t_s, bins=bins, range=(lo, hi), weights=writes)
+        # a row covers its second: count it at its middle, clamped into the drawn span
+        hist, _ = np.histogram(np.clip(t_s + 0.5, lo, hi), bins=bins, range=(lo, hi), weights=writes)
         peak = hist.max() if hist.size else 0
         self.density = np.sqrt(hist / peak) if peak > 0 else hist
 

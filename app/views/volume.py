@@ -104,9 +104,9 @@ class VolumeView(QWidget):
         self._connect()
         # the store may have opened (or failed) before this view existed: catch up
         if worker.opened_snapshot is not None:
-            QTimer.singleShot(0, lambda: self._on_opened(worker.opened_snapshot))
+            QTimer.singleShot(0, self, lambda: self._on_opened(worker.opened_snapshot))
         elif worker.open_error is not None:
-            QTimer.singleShot(0, lambda: self._on_failed("open", worker.open_error))
+            QTimer.singleShot(0, self, lambda: self._on_failed("open", worker.open_error))
 
     # -- layout ---------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -535,14 +535,14 @@ class VolumeView(QWidget):
     def _copy_uri(self) -> None:
         QApplication.clipboard().setText(self.serve_uri.text())
         self.copy_button.setText("Copied")
-        QTimer.singleShot(1500, lambda: self.copy_button.setText("Copy"))
+        QTimer.singleShot(1500, self.copy_button, lambda: self.copy_button.setText("Copy"))
 
     def _toggle_demo(self) -> None:
         if self.worker.demo_running:
             self.worker.stop_demo()
         else:
             self.worker.start_demo()
-        QTimer.singleShot(200, self.worker.refresh)
+        QTimer.singleShot(200, self, self.worker.refresh)
 
     # -- jobs ----------------------------------------------------------------------------------------
     def _on_job_started(self, kind: str) -> None:
@@ -610,9 +610,10 @@ class VolumeView(QWidget):
             self.notify.emit("Protection problem", f"{self.title}: {data.get('message', kind)}", "critical")
         elif kind == "damage":
             self.notify.emit("Damage found", f"{self.title}: {len(data.get('problems', []))} problems", "critical")
-        elif kind in ("near-full", "journal-full", "fade"):
-            msg = data.get("message") or f"{kind}: {data}"
-            self.notify.emit("Journal space", f"{self.title}: {msg}", "warning")
+        elif kind in ("faded-early", "near-full", "journal-full"):
+            msg = data.get("message") or data.get("note") or ", ".join(f"{k} {v}" for k, v in data.items())
+            self.notify.emit("Journal space", f"{self.title}: the journal reached its limit; "
+                             f"the oldest history faded early ({msg})", "warning")
         if kind in ("mark", "rewind", "fade"):
             self.worker.refresh()
 

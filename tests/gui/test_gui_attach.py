@@ -19,7 +19,6 @@ from conftest import wait_until
 
 def _make_store(tmp: Path) -> Path:
     from pyfatfs.PyFatFS import PyFatBytesIOFS
-
     from rewind.app.demo import LiveFile, copy_in, make_fat_image
     from rewind.engine.store import Store
 

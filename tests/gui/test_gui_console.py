@@ -83,7 +83,10 @@ def test_demo_mark_preview_export_rewind_undo(window: Any, app: Any, tmp_path: P
     counts = view.preview.counts()
     assert sum(counts.values()) > 0, "files changed since the mark are marked"
     shot(window, "volume-demo")
-    changed = next(e for e in view.preview.entries if e.status in ("changed", "deleted") and not e.is_dir)
+    candidates = [e for e in view.preview.entries if e.status in ("changed", "deleted") and not e.is_dir]
+    # a picture or a text shows best in the screenshot; any changed file will do otherwise
+    candidates.sort(key=lambda e: (not e.path.endswith(".png"), not e.path.endswith(".txt")))
+    changed = candidates[0]
     view.preview_pane.select_path(changed.path)
     wait_until(app, lambda: view.preview_pane.content.currentIndex() in (1, 2, 3), 10, "the file's contents")
     shot(window, "preview-past-point")
