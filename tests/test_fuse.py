@@ -283,3 +283,39 @@ def test_moving_names_are_not_served_from_a_stale_cache(fview: tuple[Store, Fuse
         assert f.read(4096) == b"b" * 4096
     with open(view.point_path(first), "rb", buffering=0) as f:
         assert f.read(4096) == b"a" * 4096
+
+
+def test_sigterm_still_belongs_to_the_program(tmp_path: Path) -> None:
+    """libfuse takes over SIGTERM when it is at SIG_DFL; FuseView gives it back, so a plain
+    program still dies on SIGTERM (and a stale mount is cleaned up by the next start)."""
+    why = fuse_missing()
+    if why:
+        pytest.skip(why)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (
+        "import sys,time\n"
+        "from rewind.engine.store import Store\n"
+        "from rewind.engine.frontends.fuse import FuseView\n"
+        "s=Store.create(sys.argv[1]+'/d.img', sys.argv[1]+'/st', size=1<<20)\n"
+        "FuseView(s, sys.argv[1]+'/mnt').start()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+        "print('survived', flush=True)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        p.terminate()
+        assert p.wait(10) == -15
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    store = Store.open(tmp_path / "st")
+    try:
+        with FuseView(store, mnt) as v:  # over the stale mount the killed process left
+            assert v.live_path.stat().st_size == 1 << 20
+    finally:
+        store.close()
+    assert not os.path.ismount(mnt)

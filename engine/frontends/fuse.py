@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -344,6 +345,24 @@ class _Ops(mfusepy.Operations):  # type: ignore[misc]
         self._view._fuse_ptr = None
 
 
+_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def _save_signals() -> dict[int, Any]:
+    """The process's handlers before libfuse installs its own (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in _SIGNALS}
+
+
+def _restore_signals(saved: dict[int, Any]) -> None:
+    """Undo libfuse's handlers: it takes over signals left at SIG_DFL so that SIGTERM would only
+    unmount the view and the process would live on. Ours (or the default) must decide."""
+    for s, h in saved.items():
+        if h is not None:
+            signal.signal(s, h)
+
+
 def _is_mount(path: Path) -> bool:
     try:
         return os.path.ismount(path)
@@ -517,6 +536,7 @@ class FuseView:
             raise FuseError("/dev/fuse is missing: load the fuse module or use the NBD front end")
         self._error = None
         self._ops = _Ops(self)
+        saved = _save_signals()
         self._thread = threading.Thread(target=self._run, name=f"fuse:{mnt}", daemon=True)
         self._thread.start()
         add_listener = getattr(self.store, "add_listener", None)
@@ -527,8 +547,10 @@ class FuseView:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 err = self._error
                 self._cleanup_thread()
+                _restore_signals(saved)
                 raise FuseError(f"cannot mount {mnt}: {err or 'timed out'}"
                                 "; check /dev/fuse and fusermount3 (user_allow_other for allow_other)")
+        _restore_signals(saved)
         return self
 
     def _cleanup_thread(self) -> None:
