@@ -268,11 +268,19 @@ class MainWindow(QMainWindow):
         if dlg.exec() != ProtectDialog.DialogCode.Accepted:
             return
         image, store, size = dlg.values()
+        self.protect(image, store, size)
+
+    def protect(self, image: str, store: str, size: int | None = None) -> VolumeView | None:
+        """Start protecting `image` with its history in `store` (the dialog's work, testable)."""
         if not image or not store:
             errdlg.show_error(self, "Cannot protect", "Pick both a disk image and a folder for its history.")
-            return
-        Path(store).parent.mkdir(parents=True, exist_ok=True)
-        self._add_view(Path(image).name, start=lambda w: w.create(image, store, size))
+            return None
+        try:
+            Path(store).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            errdlg.show_error(self, "Cannot protect", e, doing="creating the history folder")
+            return None
+        return self._add_view(Path(image).name, start=lambda w: w.create(image, store, size))
 
     def open_demo(self, interval: float = 0.15, seed: int | None = None) -> VolumeView:
         return self._add_view("Demo disk", demo=True,

@@ -98,3 +98,42 @@ def test_dark_palette(window: Any, app: Any, tmp_path: Path) -> None:
         shot(window, "volume-dark-blocks")
     finally:
         apply_theme(app, "light")
+
+
+def test_protect_new_image_and_close_during_job(window: Any, app: Any, tmp_path: Path,
+                                                answers: list[int]) -> None:
+    """Protect a new sparse image from the console; closing while an export runs asks, then
+    cancels it cleanly (no file left)."""
+    import threading
+
+    from PySide6.QtCore import Qt
+    from rewind.app.dialogs.protect import default_store_dir
+
+    image = tmp_path / "new-disk.img"
+    suggested = default_store_dir(str(image))
+    assert "rewind" in str(suggested) and suggested.name == "new-disk.img"
+    view = window.protect(str(image), str(suggested), 8 << 20)
+    wait_until(app, lambda: view.snap is not None, 20, "the new protection")
+    assert image.stat().st_size == 8 << 20 and (suggested / "store.json").exists()
+    assert view.preview is not None or wait_until(app, lambda: view.preview, 10, "a preview")
+
+    first, proceed = threading.Event(), threading.Event()
+
+    def hold(kind: str, ev: Any) -> None:  # job thread: keep the export mid-way until closed
+        if not first.is_set():
+            first.set()
+            proceed.wait(10)
+
+    view.worker.jobProgress.connect(hold, Qt.ConnectionType.DirectConnection)
+    out = tmp_path / "out"
+    out.mkdir()
+    view.export_point(str(out / "x.img"))
+    wait_until(app, first.is_set, 20, "the export to start")
+    answers[:] = [1]  # "Keep running": the window stays
+    window.close()
+    assert window.isVisible() and view.worker.busy
+    answers[:] = [0]  # "Stop and quit"
+    threading.Timer(0.3, proceed.set).start()
+    window.close()
+    assert not window.isVisible()
+    assert list(out.iterdir()) == [], "the cancelled export left nothing"

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from conftest import shot, wait_until
 from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QFileDialog
 from rewind.engine.errors import CorruptionError
 
 
@@ -46,7 +47,8 @@ def test_welcome_view(window: Any, app: Any) -> None:
     shot(window, "welcome")
 
 
-def test_demo_mark_preview_export_rewind_undo(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
+def test_demo_mark_preview_export_rewind_undo(window: Any, app: Any, tmp_path: Path, qtbot: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     view = _open_demo(window, app)
     worker = view.worker
     # the charts and the slider come alive within seconds
@@ -90,6 +92,14 @@ def test_demo_mark_preview_export_rewind_undo(window: Any, app: Any, tmp_path: P
     view.preview_pane.select_path(changed.path)
     wait_until(app, lambda: view.preview_pane.content.currentIndex() in (1, 2, 3), 10, "the file's contents")
     shot(window, "preview-past-point")
+    # Save as... restores that one file as it was at the mark
+    restored = tmp_path / "restored.bin"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(restored), ""))
+    view.preview_pane.save_button.click()
+    wait_until(app, restored.exists, 10, "the restored file")
+    from rewind.app.demo import digest
+
+    assert digest(restored.read_bytes()) == expected[changed.path]
 
     # export that point: equal to the reference copy
     out = tmp_path / "export.img"
