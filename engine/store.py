@@ -21,6 +21,8 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+import apsw
+
 from . import view
 from .errors import BadInput, CorruptionError, NoSpace, PointError, RewindError, StoreLocked
 from .jobs import Job, Progress
@@ -249,7 +251,10 @@ class Store:
         self._indexer.join()
         try:
             self._sync()
-            self._index_sync()
+            try:
+                self._index_sync()
+            except NoSpace as e:  # the journal holds everything; the next open indexes it
+                self._emit("error", {"message": str(e)})
         finally:
             self._release()
 
@@ -387,17 +392,19 @@ class Store:
             self._mark_pending_roll = True
 
     def _commit(self, gen: _Gen) -> None:
-        """Write one generation to SQLite (indexer thread, or recovery)."""
+        """Write one generation to SQLite (indexer thread, or recovery). Safe to retry."""
         bs = self.block_size
         jb = self.journal_bytes_estimate()
+        maps: dict[int, tuple[int, int, int, int, str, int]] = {}
+        stats: dict[int, list[int]] = {}
         for seq, t, kind, _block, count, mid in gen.records:
-            m = gen.maps.get(mid)
+            m = maps.get(mid)
             n = 0 if kind == Kind.MARK else count
-            gen.maps[mid] = (seq, seq, t, t, "live", n) if m is None else (m[0], seq, m[2], t, "live", m[5] + n)
+            maps[mid] = (seq, seq, t, t, "live", n) if m is None else (m[0], seq, m[2], t, "live", m[5] + n)
             if n:
-                st = gen.stats.get(t // 10**9)
+                st = stats.get(t // 10**9)
                 if st is None:
-                    gen.stats[t // 10**9] = [1, n * bs, jb]
+                    stats[t // 10**9] = [1, n * bs, jb]
                 else:
                     st[0] += 1
                     st[1] += n * bs
@@ -410,24 +417,29 @@ class Store:
             meta["indexed_seq"] = gen.last_seq
             meta["indexed_time"] = self._last_time
             meta["indexed_segno"], meta["indexed_off"] = gen.end_pos
-        self._wdb.commit(gen.versions, gen.records, gen.maps, gen.marks, gen.unmarks, gen.stats, meta)
+        try:
+            self._wdb.commit(gen.versions, gen.records, maps, gen.marks, gen.unmarks, stats, meta)
+        except apsw.FullError:
+            raise NoSpace(f"no space left for the index {self.dir / 'maps.db'}: free space on that disk") from None
 
     def journal_bytes_estimate(self) -> int:
         return self.journal.total_bytes
 
     def _index_once(self) -> bool:
+        """Commit the oldest pending generation. One that failed stays pending and goes first."""
         with self._commit_lock:
             with self._lock:
-                gen = self._gen
-                if gen.empty():
-                    return False
-                self._gen = _Gen()
-                self._frozen.append(gen)
-            try:
-                self._commit(gen)
-            finally:
-                with self._lock:
-                    self._frozen.remove(gen)
+                if self._frozen:
+                    gen = self._frozen[0]
+                else:
+                    gen = self._gen
+                    if gen.empty():
+                        return False
+                    self._gen = _Gen()
+                    self._frozen.append(gen)
+            self._commit(gen)
+            with self._lock:
+                self._frozen.remove(gen)
             return True
 
     def _index_sync(self) -> None:
@@ -472,57 +484,47 @@ class Store:
                     f"the journal reached its space limit ({self.retention()['max_size']} bytes) and the policy"
                     " says refuse: fade history (`rewind fade`) or raise --max-size"
                 )
+            for kind, off, x in reqs:  # check everything before anything is staged
+                if kind not in ("write", "zero", "trim"):
+                    raise BadInput(f"unknown request kind {kind!r}")
+                self._check_range(off, len(x) if kind == "write" else int(x))
             batch = _Batch()
             for kind, off, x in reqs:
                 if kind == "write":
                     data = x if isinstance(x, memoryview) else memoryview(x)
                     n = len(data)
-                    self._check_range(off, n)
                     if n == 0:
                         continue
                     if off % bs or n % bs:
-                        self._apply(batch)
-                        batch = _Batch()
-                        a, e = off - off % bs, -(-(off + n) // bs) * bs
-                        buf = bytearray(self._primary.pread(a, e - a))
-                        buf[off - a : off - a + n] = data
-                        data, off = memoryview(buf), a
-                    self._stage_write(batch, off // bs, data)
-                elif kind in ("zero", "trim"):
-                    n = int(x)
-                    self._check_range(off, n)
-                    if n == 0:
-                        continue
-                    a, e = -(-off // bs) * bs, (off + n) // bs * bs
-                    if a >= e:  # all inside one block: zero its part
-                        self._write_many_inner(batch, off, bytes(n))
-                        continue
-                    if off < a:
-                        self._write_many_inner(batch, off, bytes(a - off))
-                        batch = _Batch()
-                    self._stage_zero(batch, a // bs, (e - a) // bs)
-                    if e < off + n:
-                        self._apply(batch)
-                        batch = _Batch()
-                        self._write_many_inner(batch, e, bytes(off + n - e))
-                else:
-                    raise BadInput(f"unknown request kind {kind!r}")
+                        self._write_unaligned(batch, off, data)
+                    else:
+                        self._stage_write(batch, off // bs, data)
+                    continue
+                n = int(x)
+                a, e = -(-off // bs) * bs, (off + n) // bs * bs
+                if a >= e:  # no whole block inside: zero the part
+                    if n:
+                        self._write_unaligned(batch, off, bytes(n))
+                    continue
+                if off < a:
+                    self._write_unaligned(batch, off, bytes(a - off))
+                self._stage_zero(batch, a // bs, (e - a) // bs)
+                if e < off + n:
+                    self._write_unaligned(batch, e, bytes(off + n - e))
             self._apply(batch)
             if fua:
                 self._sync()
         self._wake_indexer()
 
-    def _write_many_inner(self, batch: _Batch, off: int, data: bytes) -> None:
-        """An unaligned piece: commit what is staged, then read-modify-write whole blocks."""
+    def _write_unaligned(self, batch: _Batch, off: int, data: bytes | memoryview) -> None:
+        """Apply what is staged, then read-modify-write the whole blocks around `data`."""
         bs = self.block_size
         self._apply(batch)
-        batch.clear()
         a, e = off - off % bs, -(-(off + len(data)) // bs) * bs
         buf = bytearray(self._primary.pread(a, e - a))
         buf[off - a : off - a + len(data)] = data
         self._stage_write(batch, a // bs, memoryview(buf))
         self._apply(batch)
-        batch.clear()
 
     def _stage_baselines(self, batch: _Batch, b0: int, count: int, old: memoryview | None = None) -> None:
         """Copy-on-first-write: journal the horizon contents of blocks about to change."""
@@ -549,6 +551,7 @@ class Store:
             seq, t = self._next()
             batch.add(Kind.BASELINE, seq, t, b0 + i, j - i, data, aux=horizon, bs=bs)
             i = j
+        batch.undo.append((b0, bytes(seg)))
         st[b0 : b0 + count] = bytes([TOUCHED]) * count
 
     def _stage_write(self, batch: _Batch, b0: int, data: memoryview, primary: bool = True) -> None:
@@ -576,7 +579,15 @@ class Store:
         """Append the staged records in one go, then write the primary, then index."""
         if not batch.recs:
             return
-        segno, start = self.journal.append(batch.pieces, batch.nbytes)
+        try:
+            segno, start = self.journal.append(batch.pieces, batch.nbytes)
+        except BaseException:
+            # nothing of the batch reached the journal: forget its seqs and bitmap changes
+            self._head = batch.recs[0][1] - 1
+            for b0, old in reversed(batch.undo):
+                self._state[b0 : b0 + len(old)] = old
+            batch.clear()
+            raise
         self._dirty = True
         bs = self.block_size
         gen = self._gen
@@ -955,15 +966,17 @@ class Store:
 class _Batch:
     """Records staged for one journal append, with their byte position inside it."""
 
-    __slots__ = ("pieces", "nbytes", "recs", "prim")
+    __slots__ = ("pieces", "nbytes", "recs", "prim", "undo")
 
     def __init__(self) -> None:
         self.pieces: list[bytes | bytearray | memoryview] = []
         self.nbytes = 0
         self.recs: list[tuple[Kind, int, int, int, int, int, list[int], int]] = []
         self.prim: list[tuple[int, Any]] = []
+        self.undo: list[tuple[int, bytes]] = []  # (first block, bitmap bytes before staging)
 
     def clear(self) -> None:
+        self.undo.clear()
         self.pieces.clear()
         self.nbytes = 0
         self.recs.clear()
