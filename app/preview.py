@@ -17,8 +17,8 @@ from typing import Any, Protocol
 import pytsk3
 import xxhash
 
-CHUNK = 64 * 1024
-CACHE_CHUNKS = 1024  # 64 MiB at most per view
+CHUNK = 16 * 1024  # small files are the common case: bigger chunks read (and look up) blocks no one asked for
+CACHE_CHUNKS = 4096  # 64 MiB at most per view
 DIGEST_LIMIT = 4 * 1024 * 1024  # files up to this size are compared by content
 MAX_ENTRIES = 20000  # a preview lists at most this many entries (huge filesystems stay responsive)
 
@@ -32,7 +32,7 @@ class ReadableView(Protocol):
 
 
 class CachedReader:
-    """Reads of a view in aligned 64 KiB chunks with an LRU cache: pytsk3 makes hundreds of small
+    """Reads of a view in aligned 16 KiB chunks with an LRU cache: pytsk3 makes hundreds of small
     reads to list a directory, and each engine read costs a map lookup."""
 
     def __init__(self, view: ReadableView, chunk: int = CHUNK, max_chunks: int = CACHE_CHUNKS) -> None:
