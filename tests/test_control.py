@@ -275,3 +275,54 @@ def test_client_checks_replies(tmp_path: Path) -> None:
         listener.shutdown(socket.SHUT_RDWR)
     listener.close()
     t.join(5)
+
+
+def test_remote_store_shared_by_threads(served) -> None:  # type: ignore[no-untyped-def]
+    """The console reads from several worker threads through one RemoteStore."""
+    store, _srv, _ = served
+    errors: list[BaseException] = []
+    with RemoteStore(store.dir) as rs:
+
+        def worker(k: int) -> None:
+            try:
+                for i in range(40):
+                    point = "mark:one" if (i + k) % 2 else "now"
+                    want = b"A" * 4096 if point == "mark:one" else b"B" * 4096
+                    assert rs.read_at(point, 4096, 4096) == want
+                    assert rs.resolve(point) >= 1
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+
+
+def test_client_gone_cancels_its_job(tmp_path: Path) -> None:
+    """A client that disappears mid-export (console closed, CLI killed): serve cancels the job and
+    the partial output goes away; serve keeps serving."""
+    import time
+
+    from rewind.engine.store import Store
+
+    store = Store.create(str(tmp_path / "big.img"), tmp_path / "s", size=16 << 30)
+    srv = ControlServer(store).start()
+    try:
+        job = RemoteStore(store.dir).export("now", tmp_path / "out.img")
+        it = iter(job)
+        next(it)  # the export is running inside the server
+        assert job._conn is not None
+        job._conn.sock.close()
+        deadline = time.monotonic() + 20
+        while (list(tmp_path.glob(".out.img*")) or srv._jobs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not srv._jobs, "the job kept running after its client went away"
+        assert not (tmp_path / "out.img").exists() and not list(tmp_path.glob(".out.img*"))
+        with RemoteStore(store.dir) as rs:
+            assert rs.resolve("now") == store.head
+    finally:
+        srv.stop()
+        store.close()
