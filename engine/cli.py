@@ -652,6 +652,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _console() -> int:
+    if sys.platform.startswith("linux") and not any(
+        os.environ.get(v) for v in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")
+    ):
+        # Qt would print several lines and abort; say it in one, with what to do.
+        _err("no display to open the console on (DISPLAY and WAYLAND_DISPLAY are unset): run 'rewind' in a "
+             "desktop session, or use a subcommand (see 'rewind --help')")
+        return 2
     try:
         from rewind.app.main import main as app_main
     except ImportError as e:

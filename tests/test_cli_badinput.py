@@ -249,3 +249,9 @@ def test_serve_on_a_busy_port_is_bad_input(tmp_path: Path) -> None:
         assert tree_hash(work / "s") == before
     finally:
         busy.close()
+
+
+def test_console_without_a_display_is_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    r = subprocess.run(REWIND, capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "display" in r.stderr, r.stderr
