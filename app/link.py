@@ -151,6 +151,17 @@ class Link:
     def info(self) -> dict[str, Any]:
         return self.refresh_info() if self.remote else dict(self.store.info())
 
+    def retention(self) -> dict[str, Any]:
+        """Retention settings (max_size, on_full); empty when the engine has none."""
+        fn = getattr(self.store, "retention", None)
+        if fn is None:
+            return {}
+        try:
+            r = fn()
+        except Exception:  # noqa: BLE001 - an older serve may not know the call
+            return {}
+        return dict(r) if isinstance(r, dict) else {}
+
     def changed_blocks(self, a: int, b: int) -> list[int]:
         return list(self.store.changed_blocks(a, b))
 

@@ -44,6 +44,8 @@ class Snapshot:
     size: int
     block_size: int
     demo: dict[str, Any] = field(default_factory=dict)
+    max_size: int | None = None  # the journal's space limit (retention), None = unlimited
+    on_full: str = ""  # what happens at the limit: "fade" (oldest history goes) or "refuse"
 
 
 class _Runner(QObject):
@@ -225,6 +227,8 @@ class VolumeWorker(QObject):
         journal = int(rows[-1].journal_bytes) if rows else -1
         if link.remote:
             journal = int(info.get("journal_bytes", journal))
+        retention = link.retention()
+        max_size = retention.get("max_size")
         demo: dict[str, Any] = {}
         if self.demo is not None:
             demo = {"running": self.demo.is_alive(), "ops": self.demo.ops, "files": len(self.demo.files)}
@@ -234,7 +238,8 @@ class VolumeWorker(QObject):
             served=self.server.uri if self.server is not None else "",
             connections=int(getattr(self.server, "connections", 0)) if self.server is not None else 0,
             remote=link.remote, primary=link.primary_path, size=link.size, block_size=link.block_size,
-            demo=demo,
+            demo=demo, max_size=int(max_size) if isinstance(max_size, int) and max_size > 0 else None,
+            on_full=str(retention.get("on_full") or ""),
         )
 
     # -- previews -------------------------------------------------------------------------------

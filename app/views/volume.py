@@ -100,6 +100,7 @@ class VolumeView(QWidget):
         self._undo_mark = ""
         self.shown_gen = 0  # generation of the preview on screen (benchmarks wait on it)
         self._opened = False
+        self._space_warned = False
         self._build()
         self._connect()
         # the store may have opened (or failed) before this view existed: catch up
@@ -295,6 +296,7 @@ class VolumeView(QWidget):
             running = bool(snap.demo.get("running"))
             self.demo_button.setText("Pause demo" if running else "Resume demo")
         self._set_state(self._state_text())
+        self._check_space(snap)
         self.statusChanged.emit(snap)
         # keep the preview of "now" fresh while writes go on (rate-limited)
         if (self.timeline.at_now and snap.head != self._last_preview_head and not first
@@ -302,6 +304,21 @@ class VolumeView(QWidget):
             self._want(("now", 0))
         if self.preview is not None and not self.timeline.at_now:
             self._update_point_label(self.preview.seq, self.preview.time_ns)
+
+    def _check_space(self, snap: Snapshot) -> None:
+        """Warn once when the journal passes 90% of its space limit (again after it fell below 80%)."""
+        if not snap.max_size or snap.journal_bytes < 0:
+            return
+        used = snap.journal_bytes / snap.max_size
+        if used >= 0.9 and not self._space_warned:
+            self._space_warned = True
+            then = ("new writes will be refused" if snap.on_full == "refuse"
+                    else "the oldest history will fade early to make room")
+            self.notify.emit("Journal nearly full",
+                             f"{self.title}: {used:.0%} of its {human_bytes(snap.max_size)} limit used; "
+                             f"when full, {then}. Raise the limit or shorten retention.", "warning")
+        elif used < 0.8:
+            self._space_warned = False
 
     def _state_text(self) -> str:
         snap = self.snap

@@ -137,3 +137,16 @@ def test_protect_new_image_and_close_during_job(window: Any, app: Any, tmp_path:
     window.close()
     assert not window.isVisible()
     assert list(out.iterdir()) == [], "the cancelled export left nothing"
+
+
+def test_journal_near_limit_notifies(window: Any, app: Any, tmp_path: Path) -> None:
+    from rewind.engine.store import Store
+
+    store_dir = _small_store(tmp_path)
+    with Store.open(store_dir) as s:
+        used = s.stats()[-1].journal_bytes
+        s.set_retention(max_size=int(used / 0.93))
+    window.open_store(str(store_dir))
+    wait_until(app, lambda: any(n[0] == "Journal nearly full" for n in window.notifications), 20,
+               "the near-limit notification")
+    assert " of " in window.st_journal.text()
