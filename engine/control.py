@@ -285,6 +285,7 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
         self._jobs: set[Any] = set()
         self._lock = threading.Lock()
         self._views: dict[int, Any] = {}
@@ -336,6 +337,12 @@ class ControlServer:
                 c.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(timeout=5)
+        # Let cancelled jobs clean up (partial exports removed) before the store closes under them.
+        deadline = time.monotonic() + 10
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -368,8 +375,11 @@ class ControlServer:
                     conn.close()
                     continue
                 self._conns.add(conn)
-            threading.Thread(target=self._serve_conn, args=(conn,), name="rewind-control-conn",
-                             daemon=True).start()
+            t = threading.Thread(target=self._serve_conn, args=(conn,), name="rewind-control-conn",
+                                 daemon=True)
+            with self._lock:
+                self._threads.add(t)
+            t.start()
 
     # -- one connection
 
@@ -396,6 +406,7 @@ class ControlServer:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                self._threads.discard(threading.current_thread())
             with contextlib.suppress(OSError):
                 conn.close()
 

@@ -326,3 +326,24 @@ def test_client_gone_cancels_its_job(tmp_path: Path) -> None:
     finally:
         srv.stop()
         store.close()
+
+
+def test_stop_cancels_running_jobs_and_waits_for_their_cleanup(tmp_path: Path) -> None:
+    """serve stopping (SIGTERM) during an export through it: the job is cancelled, its partial file
+    removed, before the store closes."""
+    from rewind.engine.store import Store
+
+    store = Store.create(str(tmp_path / "big.img"), tmp_path / "s", size=16 << 30)
+    srv = ControlServer(store).start()
+    try:
+        job = RemoteStore(store.dir).export("now", tmp_path / "out.img")
+        it = iter(job)
+        next(it)
+        assert list(tmp_path.glob(".out.img*"))
+    finally:
+        srv.stop()
+        store.close()
+    assert not srv._jobs and not list(tmp_path.glob(".out.img*")) and not (tmp_path / "out.img").exists()
+    with pytest.raises(RewindError):
+        for _ in it:
+            pass
