@@ -450,3 +450,36 @@ def test_rewind_asks_on_a_terminal(tmp_path: Path, reply: str, rc: int) -> None:
     data = (tmp_path / "d.img").read_bytes()
     assert data[8192:16384] == (bytes(8192) if rc == 0 else b"2" * 8192)
     assert ("undo with: rewind rewind s --at mark:before-rewind-1" in out) == (rc == 0), out
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("mkfs.ext4", "fsfreeze", "mount")),
+                    reason="needs root, mkfs.ext4, fsfreeze and mount (loop) to freeze a real filesystem")
+def test_mark_with_freeze(tmp_path: Path) -> None:
+    """`mark --freeze MNT` freezes the filesystem around the mark (here through serve's control
+    socket) and always thaws it: writes to MNT work again afterwards."""
+    subprocess.run([*REWIND, "protect", "d.img", "--store", "s", "--size", "1M"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    fs = tmp_path / "fs.img"
+    subprocess.run(["truncate", "-s", "16M", str(fs)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(fs)], check=True, capture_output=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-o", "loop", str(fs), str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot loop-mount here: {r.stderr.strip()}")
+    p = None
+    try:
+        p, _ = start_serve(tmp_path, "s")
+        r = subprocess.run([*REWIND, "mark", "s", "frozen", "--freeze", str(mnt)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "mark frozen" in r.stdout
+        # Thawed: unfreezing a filesystem that is not frozen fails (EINVAL); writes go through.
+        assert subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True).returncode != 0
+        (mnt / "after.txt").write_text("thawed")
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        if p is not None:
+            rc, _, err = stop_serve(p)
+            assert rc == 0, err
