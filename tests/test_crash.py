@@ -1,6 +1,7 @@
 """Crash safety of `rewind serve`: a real serve subprocess takes writes (with flushes) from an NBD
 client and marks through the control socket, and is SIGKILLed at random moments, several times.
-After each restart every flushed write is there, the live volume holds nothing that was never
+After each restart every flushed write is there, what survived past the last flush is a prefix of
+the later writes (order), the live volume holds nothing that was never
 written, `now` reads like the live volume, and every mark reads exactly what a plain model says.
 A torn last record (the last segment cut mid-record after a kill) is cut and reported, not served.
 
@@ -92,6 +93,17 @@ def check_after_restart(serve: Serve, model: Model, seed: int, rnd: int) -> None
                 f"seed {seed} round {rnd}: sector {sector} (offset {sector * SECTOR}) holds data that is "
                 f"neither the flushed contents nor any later write: {got[:16].hex()}"
             )
+    # Order: what survived past the last flush is a prefix of the writes sent after it, never a
+    # later write without an earlier one.
+    state = bytearray(model.flushed)
+    prefixes = [bytes(state)]
+    for off, data in model.since_flush:
+        state[off : off + len(data)] = data
+        prefixes.append(bytes(state))
+    assert live in prefixes, (
+        f"seed {seed} round {rnd}: the live volume is not the flushed state plus a prefix of the "
+        f"{len(model.since_flush)} later writes"
+    )
     assert read_all(serve.addr, "at=now") == live, f"seed {seed} round {rnd}: 'now' differs from the live volume"
     for name, snap in model.marks.items():
         got = read_all(serve.addr, f"at=mark:{name}")
