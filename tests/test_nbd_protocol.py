@@ -465,3 +465,35 @@ def test_pipelined_max_size_reads_and_writes(tmp_path: Path) -> None:
                 assert got == (data if i % 2 == 0 else bytes(cap))
             assert c.recv_reply() == (3, 0, b"")
             assert c.recv_reply(4) == (4, 0, b"tail")
+
+
+def test_big_write_batches_keep_request_order(server: NbdServer) -> None:
+    """Write batches big enough for the worker thread: reads, flushes and DISC queued behind them
+    see their data, and every reply comes back."""
+    c = connect(server)
+    blob = bytearray()
+    chunks = {}
+    for i in range(6):
+        data = bytes([i + 1]) * (512 * 1024)
+        chunks[i] = data
+        blob += P.S_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, i, (i % 3) * 512 * 1024, len(data)) + data
+        if i % 2:
+            blob += P.S_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 100 + i, 0, 3 * 512 * 1024)
+    blob += P.S_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_FLUSH, 200, 0, 0)
+    blob += P.S_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 201, 0, 1 << 20) + b"\x77" * (1 << 20)
+    blob += P.S_REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, 202, 0, 0)
+    sender = threading.Thread(target=c.sock.sendall, args=(bytes(blob),))
+    sender.start()
+    got: dict[int, bytes] = {}
+    for _ in range(6 + 3 + 2):
+        cookie, err, _ = c.recv_reply()
+        assert err == 0
+        got[cookie] = c.recv_exact(3 * 512 * 1024) if cookie >= 100 and cookie < 200 else b""
+    sender.join()
+    assert closed_by_server(c.sock), "DISC closes after the last reply"
+    c.close()
+    assert got[101] == chunks[0] + chunks[1] + bytes(512 * 1024)
+    assert got[103] == chunks[3] + chunks[1] + chunks[2]
+    assert got[105] == chunks[3] + chunks[4] + chunks[5]
+    with connect(server) as c2:
+        assert c2.read(0, 1 << 20) == b"\x77" * (1 << 20), "the write just before DISC was applied"
