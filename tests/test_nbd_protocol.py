@@ -497,3 +497,15 @@ def test_big_write_batches_keep_request_order(server: NbdServer) -> None:
     assert got[105] == chunks[3] + chunks[4] + chunks[5]
     with connect(server) as c2:
         assert c2.read(0, 1 << 20) == b"\x77" * (1 << 20), "the write just before DISC was applied"
+
+
+def test_stop_during_big_writes_keeps_acknowledged_data(store: Store, tmp_path: Path) -> None:
+    srv = NbdServer(store, f"unix:{tmp_path / 'b.sock'}").start()
+    c = connect(srv)
+    data = b"\x42" * (1 << 20)
+    c.write(0, data)  # acknowledged: must survive stop()
+    for i in range(1, 4):  # in flight while we stop
+        c.send_request(P.CMD_WRITE, i << 20, 1 << 20, data)
+    srv.stop()
+    c.close()
+    assert store.live.read(0, 1 << 20) == data

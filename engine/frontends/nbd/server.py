@@ -822,6 +822,8 @@ class NbdServer:
                 loop.run_forever()
             finally:
                 self._close_all()
+                if self._executor is not None:
+                    self._executor.shutdown(wait=True)  # in-flight write batches land before the loop closes
                 with contextlib.suppress(Exception):
                     loop.run_until_complete(asyncio.sleep(0.05))  # let transports finish closing
                 loop.close()
