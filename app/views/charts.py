@@ -148,7 +148,7 @@ class Charts(QWidget):
         self.rate_plot.setTitle("Writes", color=c.muted, size="9pt")
         self.rate_plot.addLegend(offset=(8, 4), labelTextSize="8pt", brush=pg.mkBrush(with_alpha(c.background, 0xcc)))
         self.rate_curve = self.rate_plot.plot(
-            pen=pg.mkPen(c.rate, width=1.5), fillLevel=0, brush=pg.mkBrush(with_alpha(c.rate, 0x40)),
+            pen=pg.mkPen(c.rate, width=2), fillLevel=0, brush=pg.mkBrush(with_alpha(c.rate, 0x40)),
             name="MB/s")
         # writes/s on its own right-hand axis (a second ViewBox linked in x)
         self.ops_view = pg.ViewBox()
@@ -159,7 +159,7 @@ class Charts(QWidget):
         self.rate_plot.getAxis("right").enableAutoSIPrefix(False)
         self.ops_view.setXLink(self.rate_plot)
         self.ops_view.setMouseEnabled(x=False, y=False)
-        self.ops_curve = pg.PlotDataItem(pen=pg.mkPen(c.ops, width=1.2, style=Qt.PenStyle.DotLine))
+        self.ops_curve = pg.PlotDataItem(pen=pg.mkPen(c.ops, width=1))
         self.ops_curve.setDownsampling(auto=True, method="peak")
         self.ops_curve.setClipToView(True)
         self.ops_view.addItem(self.ops_curve)
@@ -168,7 +168,7 @@ class Charts(QWidget):
         self.journal_plot.getAxis("right").setWidth(52)
         self.journal_plot.showAxis("right")
         self.journal_plot.getAxis("right").setStyle(showValues=False)
-        self.journal_curve = self.journal_plot.plot(pen=pg.mkPen(c.journal, width=1.8), fillLevel=0,
+        self.journal_curve = self.journal_plot.plot(pen=pg.mkPen(c.journal, width=2), fillLevel=0,
                                                     brush=pg.mkBrush(with_alpha(c.journal, 0x30)))
         self.horizon_lines = [self._vline(p, c.horizon, "horizon", Qt.PenStyle.DashLine) for p in self._plots()]
         self.cursor_lines = [self._vline(p, c.cursor, "", Qt.PenStyle.SolidLine, width=2) for p in self._plots()]
@@ -185,6 +185,8 @@ class Charts(QWidget):
         self._hover = pg.SignalProxy(self.glw.scene().sigMouseMoved, rateLimit=30, slot=self._on_hover)
         self._follow = True
         self._span: tuple[float, float] | None = None
+        self._data_until: float | None = None
+        self._horizon_t: float | None = None
 
     def _user_zoomed(self, *args: Any) -> None:
         """The user zoomed or panned: stop following the whole history until a double click."""
@@ -213,24 +215,42 @@ class Charts(QWidget):
 
     # -- data ----------------------------------------------------------------------------------
     def update_stats(self, rows: list[Any], reset: bool, horizon_t: float, head_t: float) -> None:
+        """Merge new rows and redraw, but only what changed: axis labels are re-rendered whenever
+        a range moves, and that is most of a repaint's cost, so the ranges move in steps."""
         self.series.merge(rows, reset)
         now = max(time.time(), head_t)
-        x, mb, ops, journal = self.series.arrays(until=now)
-        self.rate_curve.setData(x, mb)
-        self.ops_curve.setData(x, ops)
-        self.journal_curve.setData(x, journal)
-        # both y axes start at zero so the two rate curves share a baseline
-        self.rate_plot.setYRange(0, max(0.1, float(mb.max()) * 1.1) if len(mb) else 1.0, padding=0)
-        self.ops_view.setYRange(0, max(1.0, float(ops.max()) * 1.1) if len(ops) else 1.0, padding=0)
-        self.journal_plot.setYRange(0, max(0.1, float(journal.max()) * 1.1) if len(journal) else 1.0, padding=0)
-        for line in self.horizon_lines:
-            line.setPos(horizon_t)
-            line.setVisible(True)
-        lo = min(horizon_t, float(x[0]) if len(x) else horizon_t)
-        span = (lo - 1, now + 1)
-        if self._follow and span != self._span:
-            self.rate_plot.setXRange(*span, padding=0.02)
-        self._span = span
+        if rows or reset or self._data_until is None:
+            x, mb, ops, journal = self.series.arrays(until=now)
+            self.rate_curve.setData(x, mb)
+            self.ops_curve.setData(x, ops)
+            self.journal_curve.setData(x, journal)
+            self._data_until = now
+            # both y axes start at zero so the two rate curves share a baseline; headroom keeps
+            # the ranges (and their labels) still while the values wander
+            self._grow_y(self.rate_plot.vb, float(mb.max()) if len(mb) else 0.0, 0.1)
+            self._grow_y(self.ops_view, float(ops.max()) if len(ops) else 0.0, 1.0)
+            self._grow_y(self.journal_plot.vb, float(journal.max()) if len(journal) else 0.0, 0.1)
+            first = float(x[0]) if len(x) else horizon_t
+        else:
+            first = float(self.series.t[0]) if self.series.t else horizon_t
+        if horizon_t != self._horizon_t:
+            self._horizon_t = horizon_t
+            for line in self.horizon_lines:
+                line.setPos(horizon_t)
+                line.setVisible(True)
+        lo = min(horizon_t, first) - 1
+        if self._follow:
+            cur_lo, cur_hi = self._span or (None, None)
+            if cur_lo != lo or cur_hi is None or now + 1 > cur_hi:
+                headroom = max(5.0, 0.15 * (now - lo))
+                self._span = (lo, now + headroom)
+                self.rate_plot.setXRange(*self._span, padding=0)
+
+    def _grow_y(self, vb: Any, peak: float, floor: float) -> None:
+        """Set the y range to [0, peak*1.25] when the peak leaves [40%, 100%] of the range."""
+        top = vb.viewRange()[1][1]
+        if peak > top or peak < 0.4 * top or top <= floor * 1.01 and peak > floor:
+            vb.setYRange(0, max(floor, peak * 1.25), padding=0)
 
     def set_marks(self, marks: list[Any]) -> None:
         key = [(m.name, m.seq) for m in marks]
