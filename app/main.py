@@ -316,6 +316,11 @@ class MainWindow(QMainWindow):
                                 ("Stop and close", "Keep running"))
             if choice != 0:
                 return False
+        if ask and view.snap is not None and view.snap.served:
+            if errdlg.ask(self, "The volume is being served", f"{view.title} is served at {view.snap.served}.",
+                          "Closing stops serving it: programs using it lose their disk. Close anyway?",
+                          ("Stop serving and close", "Keep it open")) != 0:
+                return False
         view.refresh_timer.stop()
         view.worker.close()
         row = self.views.index(view) + 1

@@ -101,6 +101,7 @@ class VolumeView(QWidget):
         self.shown_gen = 0  # generation of the preview on screen (benchmarks wait on it)
         self._opened = False
         self._space_warned = False
+        self._refresh_failing = False
         self._build()
         self._connect()
         # the store may have opened (or failed) before this view existed: catch up
@@ -277,6 +278,7 @@ class VolumeView(QWidget):
 
     def _on_snapshot(self, snap: Snapshot) -> None:
         self._refresh_pending = False
+        self._refresh_failing = False
         first = self.snap is None
         self.snap = snap
         self.charts.update_stats(snap.stats, snap.stats_reset, snap.horizon_time / 1e9, snap.head_time / 1e9)
@@ -343,6 +345,9 @@ class VolumeView(QWidget):
                 return  # already reported (the catch-up and the signal both came)
         if what == "refresh":
             self._refresh_pending = False
+            if self._refresh_failing:
+                return  # said once already; the state in the list keeps saying it
+            self._refresh_failing = True
             if self.snap is not None and self.snap.remote:
                 self.notify.emit("Protection stopped?", f"{self.title}: lost touch with `rewind serve`: {e}",
                                  "critical")
