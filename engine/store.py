@@ -23,7 +23,8 @@ from typing import Any
 
 import apsw
 
-from . import view
+from . import applier, view
+from .applier import Op
 from .errors import BadInput, CorruptionError, NoSpace, PointError, RewindError, StoreLocked
 from .jobs import Job, Progress
 from .jobs.fade import finish_compaction
@@ -227,6 +228,7 @@ class Store:
             raise
         self._dirty = False
         self._last_sync = time.monotonic()
+        self._applier = applier.Applier(self._primary, self.journal, self._head)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._indexer = threading.Thread(target=self._index_loop, name="rewind-indexer", daemon=True)
@@ -256,6 +258,7 @@ class Store:
             except NoSpace as e:  # the journal holds everything; the next open indexes it
                 self._emit("error", {"message": str(e)})
         finally:
+            self._applier.close()
             self._release()
 
     def _release(self) -> None:
@@ -326,7 +329,7 @@ class Store:
             self.journal.truncate(t.segno, t.offset)
             self.recovery.append(
                 f"cut a torn journal tail at {segment_name(t.segno)} offset {t.offset} ({lost} bytes: {t.reason});"
-                " it held only writes that were never acknowledged"
+                " it held only writes that were never flushed"
             )
         if redo:
             self._primary.sync()
@@ -338,7 +341,13 @@ class Store:
             self._undo_torn(torn)
         if rebuild:
             self._reapply_retention()
-            self.recovery.append(f"rebuilt the delta maps from the journal ({self._head} records)")
+            if self._head > self.horizon:
+                self.recovery.append(f"rebuilt the delta maps from the journal ({self._head} records)")
+            else:  # a new store: nothing to rebuild, just remember where the index stands
+                with db.db:
+                    db.set_meta("indexed_seq", self._head)
+                    db.set_meta("indexed_segno", 1)
+                    db.set_meta("indexed_off", 16)
 
     def _undo_torn(self, ranges: list[tuple[int, int]]) -> None:
         """The primary may hold writes whose journal records were torn: put back the journaled state."""
@@ -437,6 +446,7 @@ class Store:
                         return False
                     self._gen = _Gen()
                     self._frozen.append(gen)
+            self._applier.wait(gen.last_seq)  # indexed records must be on the primary (redo covers the rest)
             self._commit(gen)
             with self._lock:
                 self._frozen.remove(gen)
@@ -520,6 +530,7 @@ class Store:
         """Apply what is staged, then read-modify-write the whole blocks around `data`."""
         bs = self.block_size
         self._apply(batch)
+        self._applier.wait(self._head)
         a, e = off - off % bs, -(-(off + len(data)) // bs) * bs
         buf = bytearray(self._primary.pread(a, e - a))
         buf[off - a : off - a + len(data)] = data
@@ -563,8 +574,8 @@ class Store:
             k = min(step, count - i)
             seq, t = self._next()
             batch.add(Kind.WRITE, seq, t, b0 + i, k, data[i * bs : (i + k) * bs], bs=bs)
-        if primary:
-            batch.prim.append((b0 * bs, data))
+            if primary:
+                batch.prim.append((len(batch.recs) - 1, (b0 + i) * bs, k * bs))
 
     def _stage_zero(self, batch: _Batch, b0: int, count: int) -> None:
         seg = self._state[b0 : b0 + count]
@@ -573,7 +584,7 @@ class Store:
         self._stage_baselines(batch, b0, count)
         seq, t = self._next()
         batch.add(Kind.ZERO, seq, t, b0, count, None, bs=self.block_size)
-        batch.prim.append((b0 * self.block_size, count * self.block_size))
+        batch.prim.append((-1, b0 * self.block_size, count * self.block_size))
 
     def _apply(self, batch: _Batch) -> None:
         """Append the staged records in one go, then write the primary, then index."""
@@ -608,11 +619,17 @@ class Store:
                 self._add_record(gen, seq, t, kind, b0, count)
             gen.last_seq = seq
         gen.end_pos = (segno, start + batch.nbytes)
-        for off, x in batch.prim:
-            if isinstance(x, int):
-                self._primary.zero(off, x)
-            else:
-                self._primary.pwrite(off, x)
+        if batch.prim:
+            ops: list[Op] = []
+            nbytes = 0
+            for idx, poff, n in batch.prim:
+                if idx < 0:
+                    ops.append((applier.ZERO, 0, 0, poff, n))
+                else:
+                    rel, count = batch.recs[idx][5], batch.recs[idx][4]
+                    ops.append((applier.WRITE, segno, start + rel + HEADER_SIZE + 4 * count, poff, n))
+                    nbytes += n
+            self._applier.submit(gen.last_seq, ops, nbytes)
         batch.clear()
         if len(gen.versions) >= INDEX_BATCH_ROWS:
             self._wake.set()
@@ -651,6 +668,7 @@ class Store:
             self._sync()
 
     def _sync(self) -> None:
+        self._applier.wait(self._head)
         self.journal.sync()
         self._primary.sync()
         self._dirty = False
@@ -972,7 +990,7 @@ class _Batch:
         self.pieces: list[bytes | bytearray | memoryview] = []
         self.nbytes = 0
         self.recs: list[tuple[Kind, int, int, int, int, int, list[int], int]] = []
-        self.prim: list[tuple[int, Any]] = []
+        self.prim: list[tuple[int, int, int]] = []  # (record index or -1 for zero, primary offset, length)
         self.undo: list[tuple[int, bytes]] = []  # (first block, bitmap bytes before staging)
 
     def clear(self) -> None:

@@ -7,6 +7,7 @@ written after S), else the primary's current contents. Contiguous runs are read 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import PointError, ReadOnlyError
@@ -16,6 +17,8 @@ from .maps import Version
 
 if TYPE_CHECKING:
     from .store import Req, Store
+
+RANGE_QUERY_MIN = 16  # blocks: from here on one SQL query resolves the whole range
 
 # Per-block state in the store's copy-on-first-write bitmap.
 UNTOUCHED = 0  # no version since the horizon; primary still holds its horizon contents
@@ -86,6 +89,7 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
         return b""
     with store._lock:
         if seq is None or (seq >= store._head and not indexed):
+            store._applier.wait(store._head)
             return store._primary.pread(off, n)
         if seq < int(store.meta["horizon_seq"]):
             raise PointError(f"seq:{seq} is older than the horizon")
@@ -109,8 +113,9 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
                 jrun.clear()
                 jcrcs.clear()
 
+        lookup = _range_lookup(store, a, e, seq) if e - a >= RANGE_QUERY_MIN else None
         for b in range(a, e):
-            v = version_at(store, b, seq)
+            v = version_at(store, b, seq) if lookup is None else lookup(b)
             if v is None:
                 flush_journal()
                 if store._state[b] == TOUCHED:
@@ -138,6 +143,21 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
         flush_journal()
         lo = off - a * bs
         return bytes(out[lo : lo + n])
+
+def _range_lookup(store: Store, a: int, e: int, seq: int) -> Callable[[int], Version | None]:
+    """Versions for a whole range: pending generations per block, the database in one query."""
+    found = store._db.newest_range(a, e, seq)
+    gens = (store._gen, *reversed(store._frozen))
+
+    def lookup(b: int) -> Version | None:
+        for gen in gens:
+            v = gen.lookup(b, seq)
+            if v is not None:
+                return v
+        return found.get(b)
+
+    return lookup
+
 
 def _read_journal_run(store: Store, out: bytearray, pos: int, loc: int, crcs: list[int]) -> None:
 

@@ -187,6 +187,7 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
 def _reclaim(store: Store, db: MapDB, check: Callable[[], None]) -> Generator[Progress, None, tuple[int, int]]:
     j = store.journal
     bs = store.block_size
+    store._applier.wait(store.head)  # no queued primary write may read from a segment we remove
     with store._lock:
         segs = j.segment_numbers()
         active = j.segno

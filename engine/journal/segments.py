@@ -53,6 +53,7 @@ class Scanned:
     offset: int  # of the header within the segment
     crcs: tuple[int, ...]
     name: str = ""
+    bad: tuple[int, ...] = ()  # blocks whose data failed its checksum (scan with strict=False)
 
     @property
     def data_off(self) -> int:
@@ -233,7 +234,9 @@ class Journal:
         return data
 
     # scan --------------------------------------------------------------------------------
-    def scan(self, segno: int = 0, offset: int = 0, check_data: bool = True) -> Iterator[Scanned]:
+    def scan(
+        self, segno: int = 0, offset: int = 0, check_data: bool = True, strict: bool = True
+    ) -> Iterator[Scanned]:
         """Yield every record from (segno, offset) on, in order.
 
         A record that does not check out raises TornTail if it is at the very end of the
@@ -264,17 +267,21 @@ class Journal:
                         self._bad(s, pos, "record header checksum mismatch", size)
                     name = ""
                     crcs: tuple[int, ...] = ()
+                    bad: list[int] = []
                     if hdr.kind in (Kind.WRITE, Kind.BASELINE):
                         crcs = unpack_table(covered, hdr.count)
                         if check_data:
                             for i in range(hdr.count):
                                 blk = f.read(bs)
                                 if crc32c(blk) != crcs[i]:
+                                    if not strict and len(blk) == bs:  # a sound record with a damaged block
+                                        bad.append(i)
+                                        continue
                                     self._bad(s, pos + HEADER_SIZE + 4 * hdr.count + i * bs,
                                               f"block checksum mismatch in record seq {hdr.seq}", size)
                     elif hdr.kind in (Kind.MARK, Kind.UNMARK):
                         name = covered.decode("utf-8", "replace")
-                    yield Scanned(hdr, s, pos, crcs, name)
+                    yield Scanned(hdr, s, pos, crcs, name, tuple(bad))
                     pos += hdr.total
 
     def torn_ranges(self, segno: int, offset: int) -> list[tuple[int, int]]:
