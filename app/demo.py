@@ -133,9 +133,33 @@ class DemoPaths:
     store_dir: Path
 
 
+def remove_old_demos(root: Path, older_than_s: float = 86400.0) -> None:
+    """Demos are for trying things: their folders go once they are a day old (unless in use)."""
+    if not root.is_dir():
+        return
+    now = time.time()
+    for d in root.glob("demo-*"):
+        try:
+            if now - d.stat().st_mtime < older_than_s:
+                continue
+            lock = d / STORE_NAME / "lock"
+            if lock.exists():
+                import fcntl
+
+                with open(lock, "rb+") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # in use by another console?
+                    except BlockingIOError:
+                        continue
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def new_demo_paths(root: Path | None = None) -> DemoPaths:
     """A fresh folder for one demo (several demos can coexist)."""
     root = demo_root() if root is None else root
+    remove_old_demos(root)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = root / f"demo-{stamp}"
     n = 1
@@ -229,7 +253,8 @@ class DemoWorkload(threading.Thread):
 
     def __init__(self, store: Any, log: DemoLog | None = None, seed: int | None = None,
                  interval: float = 0.15, mark_every: int = 25, max_files: int = 40,
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_error: Callable[[BaseException], None] | None = None,
+                 busy_s: float = 120.0, max_s: float = 1800.0) -> None:
         super().__init__(name="rewind-demo-workload", daemon=True)
         self.store = store
         self.log = log if log is not None else DemoLog()
@@ -238,6 +263,8 @@ class DemoWorkload(threading.Thread):
         self.mark_every = mark_every
         self.max_files = max_files
         self.on_error = on_error
+        self.busy_s = busy_s  # full speed this long, then a calmer pace (the journal stays small)
+        self.max_s = max_s  # then stop by itself
         self.lock = threading.RLock()
         self._halt = threading.Event()
         self.ops = 0
@@ -337,8 +364,11 @@ class DemoWorkload(threading.Thread):
             with self.lock:
                 self._mount()
                 self.log.record(int(self.store.head), self.files)
-            last_flush = time.monotonic()
+            last_flush = started = time.monotonic()
             while not self._halt.is_set():
+                age = time.monotonic() - started
+                if age > self.max_s:
+                    break
                 with self.lock:
                     self.step()
                     self.ops += 1
@@ -350,7 +380,8 @@ class DemoWorkload(threading.Thread):
                     if time.monotonic() - last_flush > 2.0:
                         self.store.live.flush()
                         last_flush = time.monotonic()
-                self._halt.wait(self.interval * (0.5 + self.rng.random()))
+                pace = self.interval if age < self.busy_s else max(self.interval, 2.0)
+                self._halt.wait(pace * (0.5 + self.rng.random()))
         except BaseException as e:  # noqa: BLE001 - reported to the console, never lost
             self.error = e
             if self.on_error is not None and not self._halt.is_set():
