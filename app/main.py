@@ -32,10 +32,10 @@ from PySide6.QtWidgets import (
 )
 
 from . import dialogs as _dialogs_pkg  # noqa: F401 - keeps the package importable for tests
+from .assets import app_icon
 from .dialogs import errors as errdlg
 from .dialogs.protect import ProtectDialog
 from .format import human_bytes, human_time
-from .resources import app_icon
 from .theme import apply_theme
 from .views.welcome import WelcomeView
 
@@ -200,7 +200,9 @@ class MainWindow(QMainWindow):
     def notify(self, title: str, message: str, level: str = "info") -> None:
         """A desktop notification through the tray (and the status bar always)."""
         self.statusBar().showMessage(f"{title}: {message}", 8000)
-        if self.tray is not None and self.tray.isVisible():
+        if (self.tray is None or not self.tray.isVisible()) and level != "info":
+            desktop_notify(title, message, level)
+        elif self.tray is not None and self.tray.isVisible():
             icon = {"info": QSystemTrayIcon.MessageIcon.Information,
                     "warning": QSystemTrayIcon.MessageIcon.Warning,
                     "critical": QSystemTrayIcon.MessageIcon.Critical}.get(level, QSystemTrayIcon.MessageIcon.Information)
@@ -407,6 +409,28 @@ class MainWindow(QMainWindow):
 
 
 # -- application ------------------------------------------------------------------------------------
+
+def desktop_notify(title: str, message: str, level: str = "warning") -> bool:
+    """A desktop notification over D-Bus (org.freedesktop.Notifications) for desktops without a
+    tray (GNOME): a silent stop is what backup users complain about most. False if no bus."""
+    try:
+        from PySide6.QtDBus import QDBusConnection, QDBusInterface
+    except ImportError:
+        return False
+    bus = QDBusConnection.sessionBus()
+    if not bus.isConnected():
+        return False
+    iface = QDBusInterface("org.freedesktop.Notifications", "/org/freedesktop/Notifications",
+                           "org.freedesktop.Notifications", bus)
+    if not iface.isValid():
+        return False
+    urgency = {"info": 0, "warning": 1, "critical": 2}.get(level, 1)
+    from PySide6.QtCore import QByteArray  # noqa: F401 - keeps the hints' variant types importable
+
+    reply = iface.call("Notify", APP_NAME, 0, "rewind", title, message, [], {"urgency": urgency}, -1)
+    return reply.errorName() == ""
+
+
 
 def _install_excepthook(window_getter: Any) -> None:
     """Never die on an exception in a slot: show it and carry on."""

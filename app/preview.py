@@ -280,9 +280,9 @@ def walk(fs: Any, digests: bool = True, limit: int = MAX_ENTRIES) -> tuple[dict[
     return out, truncated
 
 
-def read_tree(view: ReadableView) -> FsTree | None:
+def read_tree(view: ReadableView, chunk: int = CHUNK) -> FsTree | None:
     """The filesystem tree of a view, or None when no filesystem is recognised."""
-    img = PointImage(CachedReader(view))
+    img = PointImage(CachedReader(view, chunk))
     found = open_fs(img)
     if found is None:
         return None
@@ -327,13 +327,15 @@ class PreviewBuilder:
 
     def __init__(self, store: Any) -> None:
         self.store = store
+        # over a control socket every read is a round trip: fewer, bigger ones
+        self.chunk = 256 * 1024 if getattr(store, "remote", False) else CHUNK
         self._now_seq = -1
         self._now_tree: FsTree | None = None
         self._fs_seen: bool | None = None
 
     def now_tree(self, head: int) -> FsTree | None:
         if head != self._now_seq:
-            self._now_tree = read_tree(self.store.at(head))
+            self._now_tree = read_tree(self.store.at(head), self.chunk)
             self._now_seq = head
         return self._now_tree
 
@@ -344,7 +346,7 @@ class PreviewBuilder:
         view = store.at(seq)
         p = Preview(seq=seq, time_ns=int(view.time_ns), head=head, fs_type=None,
                     block_size=int(store.block_size), volume_size=int(store.size))
-        tree = read_tree(view)
+        tree = read_tree(view, self.chunk)
         if tree is not None:
             p.fs_type = tree.fs_type
             p.truncated = tree.truncated
@@ -360,7 +362,7 @@ class PreviewBuilder:
 
     def read_file(self, seq: int, path: str, limit: int | None = None) -> bytes:
         """The contents of `path` as it was at `seq` (whole file unless `limit`)."""
-        img = PointImage(CachedReader(self.store.at(seq)))
+        img = PointImage(CachedReader(self.store.at(seq), self.chunk))
         found = open_fs(img)
         if found is None:
             raise FileNotFoundError(path)

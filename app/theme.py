@@ -10,7 +10,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QGuiApplication, QPalette
 from PySide6.QtWidgets import QApplication
 
-from .resources import resource_path
+from .assets import resource_path
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..resources import app_icon
+from ..assets import app_icon
 
 
 class WelcomeView(QWidget):
