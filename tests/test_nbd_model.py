@@ -13,7 +13,6 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rewind.engine.frontends.nbd import protocol as P
-from rewind.engine.frontends.nbd import server as nbd_server
 from rewind.engine.frontends.nbd.protocol import NbdClient
 from rewind.engine.frontends.nbd.server import NbdServer
 from rewind.engine.store import Store
@@ -68,19 +67,6 @@ def flags_of(op: tuple[Any, ...]) -> int:
 @given(history=ops)
 def test_every_point_reads_back_through_nbd(history: list[tuple[Any, ...]]) -> None:
     check_history(history)
-
-
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(history=ops)
-def test_every_point_reads_back_with_write_batches_in_a_worker(history: list[tuple[Any, ...]]) -> None:
-    """The same with every write batch handed to the server's worker thread (normally only big
-    ones are), so the ordering of reads, flushes and replies around in-flight batches is checked."""
-    old = nbd_server._OFFLOAD_MIN
-    nbd_server._OFFLOAD_MIN = 0
-    try:
-        check_history(history)
-    finally:
-        nbd_server._OFFLOAD_MIN = old
 
 
 def check_history(history: list[tuple[Any, ...]]) -> None:

@@ -16,7 +16,6 @@ reaches the event loop.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import errno as _errno
 import logging
@@ -46,10 +45,6 @@ _MAX_OPTIONS = 10_000  # a handshake that never ends is a client bug (or an atta
 _BUF_SOCK = 4 * 1024 * 1024  # socket buffers: fewer syscalls for 1 MiB requests
 _OUT_HIGH = 8 * 1024 * 1024  # transport write buffer limit before we stop reading requests
 _MAX_OUT = 64 * 1024 * 1024  # reply bytes one pass may queue: pipelined 32 MiB reads cannot OOM us
-# A write batch carrying at least this much payload goes to a worker thread, so that the loop
-# receives the next requests (recv copies) while the engine writes (pwrite releases the GIL).
-# Smaller batches are applied inline: a thread hand-off costs more than it saves for them.
-_OFFLOAD_MIN = 512 * 1024
 
 LIVE_FLAGS = (P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_SEND_FUA | P.TF_SEND_TRIM
               | P.TF_SEND_WRITE_ZEROES | P.TF_CAN_MULTI_CONN)
@@ -155,14 +150,9 @@ _OK_FLAGS = {
 class NbdConnection(asyncio.BufferedProtocol):
     """The handshake and transmission phases of one client, driven by received bytes."""
 
-    def __init__(self, store: StoreLike, conns: set[NbdConnection],
-                 executor: concurrent.futures.Executor | None = None) -> None:
+    def __init__(self, store: StoreLike, conns: set[NbdConnection]) -> None:
         self.store = store
         self.conns = conns
-        self.executor = executor
-        self._inflight = False  # a write batch is in the executor: parse nothing until it is done
-        self._read_paused = False
-        self._pending_bytes = 0
         self.export: Export | None = None
         self.transport: asyncio.Transport | None = None
         self._fd = -1
@@ -217,13 +207,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._writing_paused = False
         if self._more:
             self._run()  # requests left over from a pass that hit _MAX_OUT
-        if (self.transport is not None and not self.transport.is_closing() and not self._writing_paused
-                and not self._read_paused):
+        if self.transport is not None and not self.transport.is_closing() and not self._writing_paused:
             self.transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         start, end = self._start, self._end
-        if start == end and not self._inflight:
+        if start == end:
             self._start = self._end = start = end = 0
         cap = len(self._buf)
         need = max(self._need, _HDR)
@@ -237,12 +226,6 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
-        if self._inflight:
-            # the worker holds views into our buffer: just collect bytes, within bounds
-            if len(self._buf) - self._end < _MIN_FREE and self.transport is not None:
-                self._read_paused = True
-                self.transport.pause_reading()
-            return
         self._run()
 
     def _run(self) -> None:
@@ -271,7 +254,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         n = end - start
         cap = len(self._buf)
         want = max(need, n) + _MIN_FREE
-        if want > cap or start < n or self._inflight:  # grow, overlap, or in use: copy to a new buffer
+        if want > cap or start < n:  # grow, or the move would overlap: copy into a new buffer
             # grow at most 2x per step: a client announcing a 32 MiB write and sending nothing
             # does not get 32 MiB of our memory until the bytes actually come
             new = bytearray(max(cap, min(want, 2 * max(cap, n + _MIN_FREE))))
@@ -447,8 +430,6 @@ class NbdConnection(asyncio.BufferedProtocol):
             if self._out_bytes > _MAX_OUT:
                 self._more = True
                 break
-            if self._inflight:
-                return
             start = self._start
             avail = self._end - start
             if avail < _HDR:
@@ -457,7 +438,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             magic, flags, cmd, cookie, off, length = unpack(buf, start)
             if magic != P.REQUEST_MAGIC:
                 log.info("NBD client %s: bad request magic %#x: dropped", self.peer, magic)
-                self._apply_pending(inline=True)
+                self._apply_pending()
                 self._close_after_send()
                 return
             err = 0
@@ -494,11 +475,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                     err = P.EINVAL if cmd == P.CMD_TRIM else P.ENOSPC
                 elif length:
                     kind = _KIND[cmd]
-                    if data is not None:
-                        pending.append((kind, off, data))
-                        self._pending_bytes += length
-                    else:
-                        pending.append((kind, off, length))
+                    pending.append((kind, off, data if data is not None else length))
                     self._pending_cookies.append(cookie)
                     if flags & P.CMD_FLAG_FUA:
                         self._pending_fua = True
@@ -511,9 +488,6 @@ class NbdConnection(asyncio.BufferedProtocol):
                 else:
                     if pending:
                         self._apply_pending()
-                        if self._inflight:  # come back to this read when the writes are done
-                            self._start = start
-                            return
                     try:
                         got = ex.vol.read(off, length) if length else b""
                     except Exception as e:
@@ -530,67 +504,36 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif cmd == P.CMD_FLUSH:
                 if pending:
                     self._apply_pending()
-                    if self._inflight:
-                        self._start = start
-                        return
                 if ex.live is not None:
                     try:
                         ex.live.flush()
                     except Exception as e:
                         err = errno_for(e)
             elif cmd == P.CMD_DISC:
-                self._apply_pending(inline=True)
+                self._apply_pending()
                 self._close_after_send()
                 return
             out.append(pack(P.SIMPLE_REPLY_MAGIC, err, cookie))
         if pending:
             self._apply_pending()
 
-    def _apply_pending(self, inline: bool = False) -> None:
-        """One write_many for the queued write/zero/trim requests, then their replies. A batch with
-        a big payload runs in the executor; parsing resumes in _batch_done."""
+    def _apply_pending(self) -> None:
+        """One write_many for the queued write/zero/trim requests, then their replies."""
         reqs, cookies = self._pending, self._pending_cookies
         if not reqs:
             return
         ex = self.export
         assert ex is not None and ex.live is not None
-        fua = self._pending_fua
-        big = self._pending_bytes >= _OFFLOAD_MIN
-        self._pending_fua = False
-        self._pending_bytes = 0
-        if big and not inline and self.executor is not None and self.transport is not None:
-            batch, done_cookies = list(reqs), list(cookies)
-            reqs.clear()
-            cookies.clear()
-            self._inflight = True
-            loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(self.executor, ex.live.write_many, batch, fua)
-            fut.add_done_callback(lambda f: self._batch_done(f, done_cookies))
-            return
         err = 0
         try:
-            ex.live.write_many(reqs, fua=fua)
+            ex.live.write_many(reqs, fua=self._pending_fua)
         except Exception as e:
             err = errno_for(e)
         pack, magic = _REPLY.pack, P.SIMPLE_REPLY_MAGIC
         self._out.extend([pack(magic, err, c) for c in cookies])
         reqs.clear()
         cookies.clear()
-
-    def _batch_done(self, fut: asyncio.Future[None], cookies: list[int]) -> None:
-        """A write batch came back from the executor: reply, then go on with what has arrived."""
-        self._inflight = False
-        exc = fut.exception() if not fut.cancelled() else RuntimeError("write batch cancelled")
-        err = errno_for(exc) if exc is not None else 0
-        pack, magic = _REPLY.pack, P.SIMPLE_REPLY_MAGIC
-        self._out.extend([pack(magic, err, c) for c in cookies])
-        if self._state == _ST_CLOSED:
-            return
-        self._run()
-        if self._read_paused and not self._inflight:
-            self._read_paused = False
-            if self.transport is not None and not self.transport.is_closing() and not self._writing_paused:
-                self.transport.resume_reading()
+        self._pending_fua = False
 
     # output
     def _send(self) -> None:
@@ -654,7 +597,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._state != _ST_CLOSED:
             with contextlib.suppress(Exception):
                 if self._pending:
-                    self._apply_pending(inline=True)
+                    self._apply_pending()
                     self._send()
             self._state = _ST_CLOSED
         if self.transport is not None:
@@ -729,7 +672,6 @@ class NbdServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[NbdConnection] = set()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stopped = False
 
     # addresses
@@ -765,12 +707,8 @@ class NbdServer:
         loop = asyncio.get_running_loop()
         self._loop = loop
 
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="rewind-nbd-io")
-        executor = self._executor
-
         def factory() -> NbdConnection:
-            return NbdConnection(self.store, self._conns, executor)
+            return NbdConnection(self.store, self._conns)
 
         if self._kind == "unix":
             if not self._path:
@@ -796,8 +734,6 @@ class NbdServer:
         finally:
             self._close_all()
             self._cleanup_path()
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
             await asyncio.get_running_loop().run_in_executor(None, self.store.live.flush)
 
     def start(self) -> NbdServer:
@@ -822,8 +758,6 @@ class NbdServer:
                 loop.run_forever()
             finally:
                 self._close_all()
-                if self._executor is not None:
-                    self._executor.shutdown(wait=True)  # in-flight write batches land before the loop closes
                 with contextlib.suppress(Exception):
                     loop.run_until_complete(asyncio.sleep(0.05))  # let transports finish closing
                 loop.close()
@@ -851,8 +785,6 @@ class NbdServer:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(halt)
             thread.join(timeout=30)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)  # write batches still in a worker finish first
         self._cleanup_path()
         self.store.live.flush()
 
