@@ -252,7 +252,7 @@ class Store:
         self._wake.set()
         self._indexer.join()
         try:
-            self._sync()
+            self.flush()
             try:
                 self._index_sync()
             except NoSpace as e:  # the journal holds everything; the next open indexes it
@@ -463,10 +463,8 @@ class Store:
             self._wake.clear()
             try:
                 self._index_once()
-                if self._dirty and time.monotonic() - self._last_sync >= SYNC_INTERVAL_S:
-                    with self._lock:
-                        if not self._closed:
-                            self._sync()
+                if self._dirty and time.monotonic() - self._last_sync >= SYNC_INTERVAL_S and not self._closed:
+                    self.flush()
             except Exception as e:  # never die silently: tell the console
                 self._emit("error", {"message": f"indexing failed: {e}"})
                 time.sleep(1)
@@ -522,8 +520,8 @@ class Store:
                 if e < off + n:
                     self._write_unaligned(batch, e, bytes(off + n - e))
             self._apply(batch)
-            if fua:
-                self._sync()
+        if fua:
+            self.flush()
         self._wake_indexer()
 
     def _write_unaligned(self, batch: _Batch, off: int, data: bytes | memoryview) -> None:
@@ -663,15 +661,18 @@ class Store:
                 self._build_state()
 
     def flush(self) -> None:
-        """Make every write so far durable in journal and primary (NBD FLUSH, fsync)."""
-        with self._lock:
-            self._sync()
+        """Make every write so far durable in journal and primary (NBD FLUSH, FUA, fsync).
 
-    def _sync(self) -> None:
-        self._applier.wait(self._head)
-        self.journal.sync()
+        Group commit: the fsyncs run outside the store's lock, so writers go on meanwhile, and one
+        flush covers every write that came before it.
+        """
+        with self._lock:
+            head = self._head
+            fds = self.journal.take_dirty()
+            self._dirty = False
+        self._applier.wait(head)
+        self.journal.sync_fds(fds)
         self._primary.sync()
-        self._dirty = False
         self._last_sync = time.monotonic()
 
     # read path ---------------------------------------------------------------------------
@@ -771,10 +772,10 @@ class Store:
             batch.add(Kind.MARK, seq, t, 0, 0, memoryview(raw), bs=self.block_size)
             self._apply(batch)
             self._gen.marks.append((name, seq, t, int(pinned)))
-            self._sync()
             if pinned:
                 self.meta["pinned"] = sorted({*self.meta.get("pinned", []), name})
                 self.save_meta()
+        self.flush()
         self._index_sync()
         m = Mark(name, seq, t, pinned)
         self._emit("mark", {"name": name, "seq": seq, "time_ns": t})

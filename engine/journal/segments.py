@@ -6,6 +6,7 @@ index stores a single column per version.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -173,11 +174,22 @@ class Journal:
 
     def sync(self) -> None:
         """Make every appended byte durable (group commit: called at FLUSH/FUA and on a timer)."""
-        for segno in sorted(self._dirty):
-            fd = self._fds.get(segno)
-            if fd is not None:
-                os.fdatasync(fd)
+        self.sync_fds(self.take_dirty())
+
+    def take_dirty(self) -> list[int]:
+        """The fds of segments written since the last sync (the caller syncs them, unlocked)."""
+        fds = [self._fds[s] for s in sorted(self._dirty) if s in self._fds]
         self._dirty.clear()
+        return fds
+
+    @staticmethod
+    def sync_fds(fds: list[int]) -> None:
+        for fd in fds:
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                if e.errno != errno.EBADF:  # closed meanwhile: close_segment synced it
+                    raise
 
     def truncate(self, segno: int, off: int) -> None:
         """Cut a torn tail: everything from `off` in `segno` and every later segment goes."""
@@ -194,6 +206,8 @@ class Journal:
     def close_segment(self, segno: int) -> None:
         fd = self._fds.pop(segno, None)
         if fd is not None:
+            if segno in self._dirty:
+                os.fdatasync(fd)
             os.close(fd)
         self._dirty.discard(segno)
 
