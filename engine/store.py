@@ -538,6 +538,8 @@ class Store:
     def _stage_baselines(self, batch: _Batch, b0: int, count: int, old: memoryview | None = None) -> None:
         """Copy-on-first-write: journal the horizon contents of blocks about to change."""
         st = self._state
+        if count == 1 and st[b0] == TOUCHED:
+            return
         bs = self.block_size
         seg = st[b0 : b0 + count]
         if UNTOUCHED not in seg and HOLE not in seg:
@@ -1010,9 +1012,10 @@ class _Batch:
             assert data is not None
             crcs = block_crcs(data, bs)
             table = pack_table(crcs)
-            hdr = encode_header(kind, seq, t, block, count, len(table) + len(data), aux, table)
-            self.pieces += (hdr, table, data)
-            self.nbytes += len(hdr) + len(table) + len(data)
+            n = len(data)
+            head = encode_header(kind, seq, t, block, count, len(table) + n, aux, table) + table
+            self.pieces += (head, data)
+            self.nbytes += len(head) + n
         elif kind == Kind.ZERO:
             hdr = encode_header(kind, seq, t, block, count, 0, aux, b"")
             self.pieces.append(hdr)

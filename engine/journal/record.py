@@ -99,7 +99,12 @@ def block_crcs(data: bytes | bytearray | memoryview, block_size: int) -> list[in
     return [crc32c(mv[i : i + block_size]) for i in range(0, len(mv), block_size)]
 
 
+_ONE = struct.Struct("<I")
+
+
 def pack_table(crcs: list[int]) -> bytes:
+    if len(crcs) == 1:
+        return _ONE.pack(crcs[0])
     return struct.pack(f"<{len(crcs)}I", *crcs)
 
 
