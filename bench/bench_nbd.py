@@ -5,7 +5,7 @@
 Part 1 (fio's nbd engine, one connection, a fresh sparse 1 GiB file per run, servers alternated in
 one run, medians over rounds; PERFORMANCE.md says noise between runs is up to 2x, so only the ratios
 mean anything): sequential 1 MiB writes QD8, 4 KiB random writes QD32, 4 KiB random reads QD32 of
-the live volume, and of a past point (a mark taken after filling, then 1/4 of the blocks rewritten)
+the live volume, and of a past point (at=seq:N right after filling; then 1/4 of the blocks rewritten)
 -- against nbdkit's file plugin and qemu-nbd (writeback).
 
 Part 2 (the engine alone): journal N random 4 KiB writes through store.live.write_many in batches
@@ -168,8 +168,10 @@ class Rewind(Server):
             self.proc = None
 
     def mark(self, name: str) -> str | None:
-        subprocess.run([*REWIND, "mark", str(self.work / "store"), name], check=True, capture_output=True)
-        return f"at=mark:{name}"
+        """The export name of the present point, at=seq:N (asked of the running serve)."""
+        p = subprocess.run([*REWIND, "log", str(self.work / "store"), "--json"], check=True,
+                           capture_output=True, text=True)
+        return f"at=seq:{json.loads(p.stdout)['head']['seq']}"
 
 
 class Nbdkit(Server):
