@@ -4,6 +4,7 @@ NbdServer over a real Store, so these also check that engine errors become NBD e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -509,3 +510,27 @@ def test_stop_during_big_writes_keeps_acknowledged_data(store: Store, tmp_path: 
     srv.stop()
     c.close()
     assert store.live.read(0, 1 << 20) == data
+
+
+def test_serve_forever_in_callers_loop(store: Store, tmp_path: Path) -> None:
+    """The asyncio entry: serve inside an existing loop; cancelling it hangs up and cleans up."""
+    import asyncio
+
+    async def main() -> None:
+        srv = NbdServer(store, f"unix:{tmp_path / 'f.sock'}")
+        await srv.listen()
+        task = asyncio.create_task(srv.serve_forever())
+
+        def client() -> bytes:
+            with connect(srv) as c:
+                c.write(0, b"in-loop")
+                return c.read(0, 7)
+
+        assert await asyncio.get_running_loop().run_in_executor(None, client) == b"in-loop"
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert not (tmp_path / "f.sock").exists()
+
+    asyncio.run(main())
+    assert store.live.read(0, 7) == b"in-loop"
