@@ -117,7 +117,7 @@ class StatSeries:
 class Charts(QWidget):
     """Write rate (MB/s with writes/s on a right axis) above journal size, sharing the time axis."""
 
-    markClicked = Signal(int)  # seq
+    markClicked = Signal(object)  # seq
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -183,6 +183,7 @@ class Charts(QWidget):
         lay.addWidget(self.glw)
         lay.addWidget(self.readout)
         self._hover = pg.SignalProxy(self.glw.scene().sigMouseMoved, rateLimit=30, slot=self._on_hover)
+        self.glw.scene().sigMouseClicked.connect(self._on_click)
         self._follow = True
         self._span: tuple[float, float] | None = None
         self._data_until: float | None = None
@@ -287,6 +288,20 @@ class Charts(QWidget):
                 x = plot.vb.mapSceneToView(pos).x()
                 self.readout.setText(self.readout_at(x))
                 return
+
+    def _on_click(self, event: Any) -> None:
+        """A click near a mark's line goes to that mark (same as its tick on the timeline)."""
+        pos = event.scenePos()
+        for plot in self._plots():
+            if not plot.sceneBoundingRect().contains(pos) or not self._marks:
+                continue
+            vb = plot.vb
+            x = vb.mapSceneToView(pos).x()
+            px_per_s = vb.width() / max(1e-9, vb.viewRange()[0][1] - vb.viewRange()[0][0])
+            m = min(self._marks, key=lambda m: abs(m.time_ns / 1e9 - x))
+            if abs(m.time_ns / 1e9 - x) * px_per_s <= 6:
+                self.markClicked.emit(int(m.seq))
+            return
 
     def readout_at(self, x: float) -> str:
         s = self.series

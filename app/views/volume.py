@@ -229,7 +229,7 @@ class VolumeView(QWidget):
         self.timeline.timeRequested.connect(lambda t: self._want(("time", int(t))))
         self.timeline.seqRequested.connect(lambda s: self._want(("seq", int(s))))
         self.timeline.nowRequested.connect(lambda: self._want(("now", 0)))
-        self.charts.markClicked.connect(lambda s: self._want(("seq", int(s))))
+        self.charts.markClicked.connect(lambda s: self.go_to_seq(int(s)))
         self.preview_pane.fileRequested.connect(lambda seq, path: w.read_file("show", seq, path, 1 << 20))
         self.preview_pane.saveRequested.connect(self._save_file)
         self.mark_button.clicked.connect(self.mark_now)

@@ -101,3 +101,25 @@ def test_error_words_say_what_to_do() -> None:
     assert "Stop the other" in explain(StoreLocked("held by pid 7"))[1]
     assert "retention" in explain(NoSpace("journal full"))[1]
     assert "kept running" in explain(ValueError("boom"))[1]
+
+
+def test_chart_mark_line_click(app: Any, qtbot: Any) -> None:
+    from PySide6.QtCore import QPointF
+    from rewind.app.views.charts import Charts
+
+    c = Charts()
+    c.resize(900, 400)
+    qtbot.addWidget(c)
+    c.show()
+    qtbot.waitExposed(c)
+    c.update_stats([Row(1000, 5, 10**6, 1 << 20), Row(1010, 5, 10**6, 2 << 20)], True, 999.0, 1011.0)
+    c.set_marks([FakeMark("m", 42, 1005 * 10**9)])
+    app.processEvents()
+    got: list[int] = []
+    c.markClicked.connect(got.append)
+    vb = c.journal_plot.vb
+    y = vb.viewRange()[1][0] + 0.5 * (vb.viewRange()[1][1] - vb.viewRange()[1][0])
+    scene_pt = vb.mapViewToScene(QPointF(1005.0, y))
+    pt = c.glw.mapFromScene(scene_pt)
+    qtbot.mouseClick(c.glw.viewport(), Qt.MouseButton.LeftButton, pos=pt)
+    assert got == [42]
