@@ -187,3 +187,15 @@ def test_tcp_listener_with_qemu_io(store: Store) -> None:
     with NbdServer(store, "tcp:127.0.0.1:0") as srv:
         qemu_io(srv.uri, "write -P 0x42 0 64k", "read -P 0x42 0 64k")
     assert store.live.read(0, 3) == b"BBB"
+
+
+def test_mark_names_with_spaces_and_punctuation_work_in_uris(server: NbdServer, store: Store, tmp_path: Path) -> None:
+    store.live.write(0, b"x" * 4096)
+    store.mark("two words:v1,a=b")
+    store.live.write(0, b"y" * 4096)
+    uri = server.uri_for("at=mark:two words:v1,a=b")
+    assert "%20" in uri
+    run("nbdcopy", uri, str(tmp_path / "o.img"))
+    assert (tmp_path / "o.img").read_bytes()[:4096] == b"x" * 4096
+    info = json.loads(run("qemu-img", "info", "--output=json", uri).stdout)
+    assert info["virtual-size"] == SIZE
