@@ -409,10 +409,22 @@ def test_unix_socket_is_private(store: Store, tmp_path: Path) -> None:
         assert stat.S_IMODE(os.stat(tmp_path / "my.sock").st_mode) == 0o600
 
 
-def test_tcp_port_zero_picks_a_localhost_port(store: Store) -> None:
-    with NbdServer(store, "tcp:127.0.0.1:0") as srv:
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", ""])
+def test_tcp_port_zero_picks_one_port(store: Store, host: str) -> None:
+    if host == "[::1]" and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        srv = NbdServer(store, f"tcp:{host}:0").start()
+    except BadInput as e:
+        pytest.skip(f"cannot listen on {host}: {e}")
+    with srv:
         port = int(srv.address.rsplit(":", 1)[1])
-        assert port > 0 and srv.uri == f"nbd://127.0.0.1:{port}/"
+        want = host or "localhost"
+        assert port > 0 and srv.uri == f"nbd://{want}:{port}/"
+        # every address the name resolves to listens on that one port
+        for *_, sockaddr in socket.getaddrinfo(want.strip("[]"), port, type=socket.SOCK_STREAM):
+            with socket.create_connection(sockaddr[:2], timeout=5) as s:
+                assert s.recv(8) == P.NBDMAGIC.to_bytes(8, "big")
         with NbdClient.connect(srv.address, "") as c:
             c.write(0, b"tcp")
             assert c.read(0, 3) == b"tcp"

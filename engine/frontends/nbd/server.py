@@ -668,7 +668,7 @@ class NbdServer:
         self._kind, self._host, self._port = parse_address(address)
         self._path = self._host if self._kind == "unix" else ""
         self._private_dir: str | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[NbdConnection] = set()
@@ -715,22 +715,31 @@ class NbdServer:
                 self._private_dir = tempfile.mkdtemp(prefix="rewind-nbd-")  # mode 0700
                 self._path = os.path.join(self._private_dir, "nbd.sock")
             sock = _bind_unix(self._path)
-            self._server = await loop.create_unix_server(factory, sock=sock)
-        else:
-            try:
-                self._server = await loop.create_server(factory, self._host, self._port, reuse_address=True)
-            except OSError as e:
-                raise BadInput(f"cannot listen on {self.address}: {e.strerror}") from e
-            if self._port == 0:
-                self._port = int(self._server.sockets[0].getsockname()[1])
+            self._servers.append(await loop.create_unix_server(factory, sock=sock))
+            return
+        try:
+            infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as e:
+            raise BadInput(f"cannot listen on {self.address}: {e.strerror}") from e
+        # every address of HOST (localhost: 127.0.0.1 and ::1) on ONE port, also when port 0 picks it
+        try:
+            for addr in dict.fromkeys(str(info[4][0]) for info in infos):
+                tcp = await loop.create_server(factory, addr, self._port, reuse_address=True)
+                self._servers.append(tcp)
+                if self._port == 0:
+                    self._port = int(tcp.sockets[0].getsockname()[1])
+        except OSError as e:
+            for srv in self._servers:
+                srv.close()
+            self._servers.clear()
+            raise BadInput(f"cannot listen on {self.address}: {e.strerror}") from e
 
     async def serve_forever(self) -> None:
         """Listen and serve until cancelled; then hang up on clients and flush."""
-        if self._server is None:
+        if not self._servers:
             await self.listen()
-        assert self._server is not None
         try:
-            await self._server.serve_forever()
+            await asyncio.gather(*(srv.serve_forever() for srv in self._servers))
         finally:
             self._close_all()
             self._cleanup_path()
@@ -797,8 +806,8 @@ class NbdServer:
         self.stop()
 
     def _close_all(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for srv in self._servers:
+            srv.close()
         for c in list(self._conns):
             c.close()
 
