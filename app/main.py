@@ -344,8 +344,7 @@ class MainWindow(QMainWindow):
         limit = f" of {human_bytes(snap.max_size)}" if snap.max_size else ""
         self.st_journal.setText(f"Journal {human_bytes(max(0, snap.journal_bytes))}{limit}")
         self.st_horizon.setText(f"Horizon {human_time(snap.horizon_time)}")
-        total = sum(self.current_view().charts.series.writes) if self.current_view() else 0
-        self.st_writes.setText(f"{total:,} writes journaled · record {snap.head:,}")
+        self.st_writes.setText(f"{snap.total_writes:,} writes journaled · record {snap.head:,}")
         if snap.remote:
             front = "Attached to rewind serve"
         elif snap.served:

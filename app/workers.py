@@ -22,6 +22,7 @@ from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 from .link import Link
 from .preview import Preview, PreviewBuilder
+from .stats import ChartData, StatSeries
 
 
 @dataclass
@@ -33,8 +34,8 @@ class Snapshot:
     head_time: int
     horizon_time: int
     marks: list[Any]
-    stats: list[Any]  # new StatRows since the last snapshot (the first one holds the whole history)
-    stats_reset: bool
+    chart: ChartData | None  # None: the history's statistics did not change since the last one
+    total_writes: int
     journal_bytes: int
     records: int
     served: str  # "" or the NBD URI
@@ -120,6 +121,7 @@ class VolumeWorker(QObject):
         self.demo: Any = None  # DemoWorkload when this is the demo
         self.demo_log: Any = None
         self._stats_last_t: int | None = None
+        self.series = StatSeries()  # the whole history's per-second rows (this worker's thread only)
         self._closing = False
         self._listener = self._on_engine_event
         # kept so a view made after the store opened (or failed) still learns of it
@@ -224,7 +226,10 @@ class VolumeWorker(QObject):
         elif reset:
             self._stats_last_t = 0
         head, horizon = link.head, link.horizon
-        journal = int(rows[-1].journal_bytes) if rows else -1
+        changed = self.series.merge(rows, reset)
+        now_s = time.time()
+        chart = self.series.chart(until=now_s) if changed else None
+        journal = int(self.series.journal[-1]) if self.series.journal else -1
         if link.remote:
             journal = int(info.get("journal_bytes", journal))
         retention = link.retention()
@@ -234,7 +239,8 @@ class VolumeWorker(QObject):
             demo = {"running": self.demo.is_alive(), "ops": self.demo.ops, "files": len(self.demo.files)}
         return Snapshot(
             head=head, horizon=horizon, head_time=link.point_time(head), horizon_time=link.point_time(horizon),
-            marks=link.marks(), stats=rows, stats_reset=reset, journal_bytes=journal, records=head,
+            marks=link.marks(), chart=chart, total_writes=self.series.total_writes, journal_bytes=journal,
+            records=head,
             served=self.server.uri if self.server is not None else "",
             connections=int(getattr(self.server, "connections", 0)) if self.server is not None else 0,
             remote=link.remote, primary=link.primary_path, size=link.size, block_size=link.block_size,

@@ -4,17 +4,16 @@ lines; downsampling and clip-to-view so long histories stay cheap; a hover read-
 
 from __future__ import annotations
 
-import bisect
 import time
 from typing import Any
 
-import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..format import human_bytes, human_time
+from ..stats import ChartData
 from ..theme import colors, configure_charts
 
 
@@ -49,71 +48,6 @@ class TimeAxis(pg.DateAxisItem):
         return out
 
 
-class StatSeries:
-    """Per-second rows, merged as snapshots arrive (the newest second is replaced as it grows)."""
-
-    def __init__(self) -> None:
-        self.t: list[int] = []
-        self.writes: list[int] = []
-        self.bytes: list[int] = []
-        self.journal: list[int] = []
-
-    def merge(self, rows: list[Any], reset: bool) -> None:
-        if reset:
-            self.__init__()  # type: ignore[misc]
-        for r in rows:
-            t = int(r.t)
-            if self.t and t <= self.t[-1]:
-                i = bisect.bisect_left(self.t, t)
-                if i < len(self.t) and self.t[i] == t:
-                    self.writes[i], self.bytes[i], self.journal[i] = int(r.writes), int(r.bytes), int(r.journal_bytes)
-                    continue
-                continue  # older than what we have and not a known second: ignore
-            self.t.append(t)
-            self.writes.append(int(r.writes))
-            self.bytes.append(int(r.bytes))
-            self.journal.append(int(r.journal_bytes))
-
-    def arrays(self, until: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """x (s), MB/s, writes/s, journal MiB as steps: each row covers its second [t, t+1), and
-        the rates drop to zero over quiet gaps (rows exist only for seconds with writes), so a
-        burst inside one second still shows as a bar."""
-        if not self.t:
-            return (np.zeros(0),) * 4  # type: ignore[return-value]
-        t = np.asarray(self.t, dtype=np.float64)
-        w = np.asarray(self.writes, dtype=np.float64)
-        b = np.asarray(self.bytes, dtype=np.float64) / 1e6
-        j = np.asarray(self.journal, dtype=np.float64) / 2**20
-        n = len(t)
-        gap = np.append(t[1:] > t[:-1] + 1, True)  # a quiet stretch (or the end) after row i
-        # per row: (t, v), (t+1, v), and after a gap (t+1, 0) for the rates
-        x = np.column_stack([t, t + 1, t + 1]).ravel()
-        keep = np.column_stack([np.ones(n, bool), np.ones(n, bool), gap]).ravel()
-
-        def rate(v: np.ndarray) -> np.ndarray:
-            return np.column_stack([v, v, np.zeros(n)]).ravel()[keep]
-
-        x = x[keep]
-        mb, ops = rate(b), rate(w)
-        jr = np.column_stack([j, j, j]).ravel()[keep]
-        # the zero of a gap starts the next burst from zero as well
-        starts = np.concatenate([[True], gap[:-1]])
-        sx = t[starts]
-        x = np.concatenate([x, sx])
-        mb = np.concatenate([mb, np.zeros(len(sx))])
-        ops = np.concatenate([ops, np.zeros(len(sx))])
-        prev_j = np.concatenate([[0.0], j[:-1]])[starts]
-        jr = np.concatenate([jr, prev_j])
-        order = np.lexsort((np.concatenate([np.ones(len(x) - len(sx)), np.zeros(len(sx))]), x))
-        x, mb, ops, jr = x[order], mb[order], ops[order], jr[order]
-        if until is not None and until > x[-1]:
-            x = np.append(x, until)
-            mb = np.append(mb, 0.0)
-            ops = np.append(ops, 0.0)
-            jr = np.append(jr, jr[-1])
-        return x, mb, ops, jr
-
-
 class Charts(QWidget):
     """Write rate (MB/s with writes/s on a right axis) above journal size, sharing the time axis."""
 
@@ -123,7 +57,7 @@ class Charts(QWidget):
         super().__init__(parent)
         configure_charts()
         c = colors()
-        self.series = StatSeries()
+        self.chart: ChartData | None = None
         self.glw = pg.GraphicsLayoutWidget()
         self.glw.setMinimumHeight(220)
         self.glw.ci.setContentsMargins(4, 4, 4, 4)
@@ -186,7 +120,6 @@ class Charts(QWidget):
         self.glw.scene().sigMouseClicked.connect(self._on_click)
         self._follow = True
         self._span: tuple[float, float] | None = None
-        self._data_until: float | None = None
         self._horizon_t: float | None = None
 
     def _user_zoomed(self, *args: Any) -> None:
@@ -215,25 +148,23 @@ class Charts(QWidget):
         self.ops_view.linkedViewChanged(self.rate_plot.vb, self.ops_view.XAxis)
 
     # -- data ----------------------------------------------------------------------------------
-    def update_stats(self, rows: list[Any], reset: bool, horizon_t: float, head_t: float) -> None:
-        """Merge new rows and redraw, but only what changed: axis labels are re-rendered whenever
-        a range moves, and that is most of a repaint's cost, so the ranges move in steps."""
-        self.series.merge(rows, reset)
+    def update_chart(self, chart: ChartData | None, horizon_t: float, head_t: float) -> None:
+        """Show new arrays (None: unchanged since the last call), and move the ranges only in
+        steps: axis labels are re-rendered whenever a range moves, most of a repaint's cost."""
         now = max(time.time(), head_t)
-        if rows or reset or self._data_until is None:
-            x, mb, ops, journal = self.series.arrays(until=now)
-            self.rate_curve.setData(x, mb)
-            self.ops_curve.setData(x, ops)
-            self.journal_curve.setData(x, journal)
-            self._data_until = now
+        if chart is not None:
+            self.chart = chart
+            self.rate_curve.setData(chart.x, chart.mb)
+            self.ops_curve.setData(chart.x, chart.ops)
+            self.journal_curve.setData(chart.x, chart.journal)
             # both y axes start at zero so the two rate curves share a baseline; headroom keeps
             # the ranges (and their labels) still while the values wander
-            self._grow_y(self.rate_plot.vb, float(mb.max()) if len(mb) else 0.0, 0.1)
-            self._grow_y(self.ops_view, float(ops.max()) if len(ops) else 0.0, 1.0)
-            self._grow_y(self.journal_plot.vb, float(journal.max()) if len(journal) else 0.0, 0.1)
-            first = float(x[0]) if len(x) else horizon_t
-        else:
-            first = float(self.series.t[0]) if self.series.t else horizon_t
+            self._grow_y(self.rate_plot.vb, float(chart.mb.max()) if len(chart.mb) else 0.0, 0.1)
+            self._grow_y(self.ops_view, float(chart.ops.max()) if len(chart.ops) else 0.0, 1.0)
+            self._grow_y(self.journal_plot.vb, float(chart.journal.max()) if len(chart.journal) else 0.0, 0.1)
+            unit = "" if chart.bucket_s == 1 else f" (per {chart.bucket_s} s)"
+            self.rate_plot.setTitle(f"Writes{unit}", color=colors().muted, size="9pt")
+        first = float(self.chart.x[0]) if self.chart is not None and len(self.chart.x) else horizon_t
         if horizon_t != self._horizon_t:
             self._horizon_t = horizon_t
             for line in self.horizon_lines:
@@ -304,14 +235,11 @@ class Charts(QWidget):
             return
 
     def readout_at(self, x: float) -> str:
-        s = self.series
-        if not s.t:
+        r = self.chart.readout(x) if self.chart is not None else None
+        if r is None:
             return "no writes yet"
-        sec = int(x)
-        i = bisect.bisect_left(s.t, sec)
-        when = human_time(sec * 10**9)
-        if i < len(s.t) and s.t[i] == sec:
-            return (f"{when}   {s.bytes[i] / 1e6:.2f} MB/s   {s.writes[i]} writes/s   "
-                    f"journal {human_bytes(s.journal[i])}")
-        journal = s.journal[i - 1] if i > 0 else 0
-        return f"{when}   idle   journal {human_bytes(journal)}"
+        start, mbs, ops, journal = r
+        when = human_time(int(x * 1e9))
+        if mbs == 0 and ops == 0:
+            return f"{when}   idle   journal {human_bytes(journal)}"
+        return f"{when}   {mbs:.2f} MB/s   {ops:.0f} writes/s   journal {human_bytes(journal)}"

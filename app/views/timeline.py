@@ -46,6 +46,7 @@ class Timeline(QWidget):
         self._mark_times: list[int] = []
         self.density = np.zeros(0)
         self._density_src: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
+        self._bucket_s = 1.0
         self._dragging = False
 
     def sizeHint(self) -> QSize:
@@ -68,9 +69,10 @@ class Timeline(QWidget):
         self._mark_times = [int(m.time_ns) for m in self.marks]
         self.update()
 
-    def set_density(self, t_s: np.ndarray, writes: np.ndarray) -> None:
-        """Per-second write counts (x in seconds) to draw under the track."""
+    def set_density(self, t_s: np.ndarray, writes: np.ndarray, bucket_s: float = 1.0) -> None:
+        """Write counts per bucket (x: bucket middles in seconds) to draw under the track."""
         self._density_src = (t_s, writes)
+        self._bucket_s = bucket_s
         self._rebin()
         self.update()
 
@@ -84,15 +86,17 @@ class Timeline(QWidget):
     def _rebin(self) -> None:
         t_s, writes = self._density_src
         span_s = max(1.0, (self.t_max - self.t_min) / 1e9)
-        bins = int(max(10, min((self.width() - 2 * MARGIN) // 3, span_s)))
+        # a bin spans at least two buckets: narrower bins alias into empty stripes between
+        # buckets that all had writes
+        bins = int(max(1, min((self.width() - 2 * MARGIN) // 3, span_s / (2 * self._bucket_s))))
         if not len(t_s):
             self.density = np.zeros(bins)
             return
         lo, hi = self.t_min / 1e9, self.t_max / 1e9
         if hi <= lo:
             hi = lo + 1
-        # a row covers its second: count it at its middle, clamped into the drawn span
-        hist, _ = np.histogram(np.clip(t_s + 0.5, lo, hi), bins=bins, range=(lo, hi), weights=writes)
+        # t_s are the middles of the buckets; clamp them into the drawn span
+        hist, _ = np.histogram(np.clip(t_s, lo, hi), bins=bins, range=(lo, hi), weights=writes)
         peak = hist.max() if hist.size else 0
         self.density = np.sqrt(hist / peak) if peak > 0 else hist
 

@@ -281,14 +281,13 @@ class VolumeView(QWidget):
         self._refresh_failing = False
         first = self.snap is None
         self.snap = snap
-        self.charts.update_stats(snap.stats, snap.stats_reset, snap.horizon_time / 1e9, snap.head_time / 1e9)
+        self.charts.update_chart(snap.chart, snap.horizon_time / 1e9, snap.head_time / 1e9)
         self.charts.set_marks(snap.marks)
         self.timeline.set_range(snap.horizon, snap.head, snap.horizon_time, max(snap.head_time, time.time_ns()))
         self.timeline.set_marks(snap.marks)
-        s = self.charts.series
-        import numpy as np
-
-        self.timeline.set_density(np.asarray(s.t, dtype=float), np.asarray(s.writes, dtype=float))
+        if snap.chart is not None:
+            c = snap.chart
+            self.timeline.set_density(c.t + c.bucket_s / 2, c.writes, c.bucket_s)
         if self.timeline.at_now:
             self.charts.set_cursor(None)
         kind = "held by `rewind serve` (attached)" if snap.remote else "protected"

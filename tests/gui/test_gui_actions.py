@@ -88,7 +88,7 @@ def test_dark_palette(window: Any, app: Any, tmp_path: Path) -> None:
     try:
         view = window.open_store(str(_small_store(tmp_path)))
         wait_until(app, lambda: view.snap is not None and view.preview is not None, 20, "the store to open")
-        wait_until(app, lambda: len(view.charts.series.t) > 0, 10, "the charts")
+        wait_until(app, lambda: view.charts.chart is not None and not view.charts.chart.empty, 10, "the charts")
         bg = window.palette().window().color()
         assert bg.lightness() < 100
         assert view.preview.fs_type is None  # raw blocks: the block map and hex view

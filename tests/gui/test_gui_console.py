@@ -53,7 +53,7 @@ def test_demo_mark_preview_export_rewind_undo(window: Any, app: Any, tmp_path: P
     worker = view.worker
     # the charts and the slider come alive within seconds
     wait_until(app, lambda: view.snap.head > 300 and len(view.snap.marks) >= 3
-               and len(view.charts.series.t) >= 2, 30, "writes and marks from the demo workload")
+               and view.charts.chart is not None and len(view.charts.chart.t) >= 2, 30, "writes and marks from the demo workload")
     assert view.state.startswith("Protecting")
 
     # a mark at a quiet moment, with a reference copy of the image taken right then

@@ -64,19 +64,30 @@ def test_timeline_keys_and_mark_clicks(app: Any, qtbot: Any) -> None:
     assert ends and tl.at_now
 
 
-def test_series_steps_and_readout(app: Any) -> None:
-    from rewind.app.views.charts import Charts, StatSeries
+def test_series_steps_buckets_and_readout(app: Any) -> None:
+    from rewind.app.stats import StatSeries
+    from rewind.app.views.charts import Charts
 
     s = StatSeries()
     s.merge([Row(10, 1, 10**6, 1 << 20), Row(11, 2, 2 * 10**6, 2 << 20)], reset=True)
-    s.merge([Row(11, 3, 3 * 10**6, 3 << 20), Row(15, 1, 10**6, 4 << 20)], reset=False)  # 11 grew
-    assert s.t == [10, 11, 15] and s.writes == [1, 3, 1]
-    x, mb, ops, journal = s.arrays(until=20)
-    assert list(x[:5]) == [10, 10, 11, 11, 12]
-    assert list(mb[:6]) == [0, 1, 1, 3, 3, 0]  # zero again after the burst (quiet 12..15)
-    assert x[-1] == 20 and ops[-1] == 0 and journal[-1] == 4
+    s.merge([Row(11, 3, 3 * 10**6, 3 << 20), Row(15, 1, 10**6, 4 << 20)])  # second 11 grew
+    assert s.t == [10, 11, 15] and s.writes == [1, 3, 1] and s.total_writes == 5
+    ch = s.chart(until=20)
+    assert list(ch.x[:5]) == [10, 10, 11, 11, 12]
+    assert list(ch.mb[:6]) == [0, 1, 1, 3, 3, 0]  # zero again after the burst (quiet 12..15)
+    assert ch.x[-1] == 20 and ch.ops[-1] == 0 and ch.journal[-1] == 4
+    # a long history is bucketed: a week of seconds becomes at most MAX_BUCKETS buckets
+    long = StatSeries()
+    week = 7 * 86400
+    long.merge([Row(t, 2, 4096 * 2, t) for t in range(0, week, 3)], reset=True)
+    lc = long.chart(max_buckets=5000)
+    assert lc.bucket_s == 300 and len(lc.t) <= 5000
+    assert abs(float(lc.ops.max()) - 2 / 3) < 0.01  # 100 rows of 2 writes per 300 s bucket
+    assert lc.total_writes == 2 * len(range(0, week, 3))
     c = Charts()
-    c.update_stats([Row(10, 5, 5 * 10**6, 1 << 20)], True, 9.5, 10.5)
+    one = StatSeries()
+    one.merge([Row(10, 5, 5 * 10**6, 1 << 20)], reset=True)
+    c.update_chart(one.chart(until=10.5), 9.5, 10.5)
     assert "5.00 MB/s" in c.readout_at(10.4) and "5 writes/s" in c.readout_at(10.4)
     assert "idle" in c.readout_at(13)
 
@@ -112,7 +123,11 @@ def test_chart_mark_line_click(app: Any, qtbot: Any) -> None:
     qtbot.addWidget(c)
     c.show()
     qtbot.waitExposed(c)
-    c.update_stats([Row(1000, 5, 10**6, 1 << 20), Row(1010, 5, 10**6, 2 << 20)], True, 999.0, 1011.0)
+    from rewind.app.stats import StatSeries
+
+    series = StatSeries()
+    series.merge([Row(1000, 5, 10**6, 1 << 20), Row(1010, 5, 10**6, 2 << 20)], reset=True)
+    c.update_chart(series.chart(until=1011.0), 999.0, 1011.0)
     c.set_marks([FakeMark("m", 42, 1005 * 10**9)])
     app.processEvents()
     got: list[int] = []
