@@ -80,7 +80,7 @@ class Charts(QWidget):
         self.rate_plot.setLabel("left", "MB/s")
         self.journal_plot.setLabel("left", "journal MiB")
         self.rate_plot.setTitle("Writes", color=c.muted, size="9pt")
-        self.rate_plot.addLegend(offset=(8, 4), labelTextSize="8pt", brush=pg.mkBrush(with_alpha(c.background, 0xcc)))
+        self.rate_plot.addLegend(offset=(-8, 4), labelTextSize="8pt", brush=pg.mkBrush(with_alpha(c.background, 0xcc)))
         self.rate_curve = self.rate_plot.plot(
             pen=pg.mkPen(c.rate, width=2), fillLevel=0, brush=pg.mkBrush(with_alpha(c.rate, 0x40)),
             name="MB/s")
@@ -104,7 +104,8 @@ class Charts(QWidget):
         self.journal_plot.getAxis("right").setStyle(showValues=False)
         self.journal_curve = self.journal_plot.plot(pen=pg.mkPen(c.journal, width=2), fillLevel=0,
                                                     brush=pg.mkBrush(with_alpha(c.journal, 0x30)))
-        self.horizon_lines = [self._vline(p, c.horizon, "horizon", Qt.PenStyle.DashLine) for p in self._plots()]
+        self.horizon_lines = [self._vline(p, c.horizon, "horizon" if i == 0 else "", Qt.PenStyle.DashLine)
+                              for i, p in enumerate(self._plots())]
         self.cursor_lines = [self._vline(p, c.cursor, "", Qt.PenStyle.SolidLine, width=2) for p in self._plots()]
         self.mark_lines: list[pg.InfiniteLine] = []
         self._marks: list[Any] = []
@@ -193,13 +194,15 @@ class Charts(QWidget):
             line.getViewBox() and line.getViewBox().removeItem(line)
         self.mark_lines.clear()
         c = colors()
-        for m in marks[-200:]:  # the newest 200 marks as lines; all of them stay on the timeline
+        shown = marks[-200:]  # the newest 200 marks as lines; all of them stay on the timeline
+        for k, m in enumerate(shown):
             for i, plot in enumerate(self._plots()):
                 line = pg.InfiniteLine(pos=m.time_ns / 1e9, angle=90, movable=False,
                                        pen=pg.mkPen(c.mark, width=1, style=Qt.PenStyle.DashLine))
-                if i == 0 and len(marks) <= 40:
-                    pg.InfLineLabel(line, text=m.name, position=0.78, rotateAxis=(1, 0), anchor=(1, 1),
-                                    color=c.mark)
+                if i == 1 and len(shown) <= 16:
+                    # names along the top of the journal chart, staggered so neighbours do not collide
+                    pg.InfLineLabel(line, text=m.name, position=0.93 - 0.14 * (k % 4), anchor=(0, 0.5),
+                                    color=c.mark, fill=with_alpha(c.background, 0xc0))
                 plot.addItem(line, ignoreBounds=True)
                 self.mark_lines.append(line)
 

@@ -118,7 +118,7 @@ class VolumeView(QWidget):
         self.subtitle = QLabel("Opening...")
         self.subtitle.setObjectName("muted")
         self.mark_button = QPushButton("Mark now")
-        self.mark_button.setToolTip("Name the present moment so you can come back to it (M)")
+        self.mark_button.setToolTip("Name the present moment so you can come back to it (Ctrl+M)")
         self.export_button = QPushButton("Export this point...")
         self.export_button.setToolTip("Write a new image file equal to the volume at the timeline's point")
         self.rewind_button = QPushButton("Rewind to this point...")
@@ -270,6 +270,7 @@ class VolumeView(QWidget):
         self._set_enabled(True)
         self.refresh_timer.start()
         self._want(("now", 0))
+        self.timeline.setFocus()  # arrows and PgUp/PgDn work at once
 
     def _tick(self) -> None:
         if not self._refresh_pending:
