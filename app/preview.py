@@ -21,6 +21,7 @@ CHUNK = 16 * 1024  # small files are the common case: bigger chunks read (and lo
 CACHE_CHUNKS = 4096  # 64 MiB at most per view
 DIGEST_LIMIT = 4 * 1024 * 1024  # files up to this size are compared by content
 MAX_ENTRIES = 20000  # a preview lists at most this many entries (huge filesystems stay responsive)
+DIGEST_BUDGET = 32 * 1024 * 1024  # content read per tree for digests; past it, size+mtime decide
 
 
 class ReadableView(Protocol):
@@ -238,8 +239,11 @@ def _digest(f: Any, size: int) -> str:
         return "?"
 
 
-def walk(fs: Any, digests: bool = True, limit: int = MAX_ENTRIES) -> tuple[dict[str, FileEntry], bool]:
-    """Every allocated file and directory below '/', with content digests."""
+def walk(fs: Any, digests: bool = True, limit: int = MAX_ENTRIES,
+         budget: int = DIGEST_BUDGET) -> tuple[dict[str, FileEntry], bool]:
+    """Every allocated file and directory below '/', with content digests for as many files as
+    `budget` bytes of reading allow (a big filesystem must not make each slider move read it all;
+    files past the budget are compared by size and modification time)."""
     out: dict[str, FileEntry] = {}
     seen_dirs: set[int] = set()
 
@@ -266,8 +270,9 @@ def walk(fs: Any, digests: bool = True, limit: int = MAX_ENTRIES) -> tuple[dict[
             is_dir = meta.type == pytsk3.TSK_FS_META_TYPE_DIR
             size = int(meta.size) if not is_dir else 0
             fe = FileEntry(path, is_dir, size, int(meta.mtime or 0), int(meta.addr))
-            if not is_dir and meta.type == pytsk3.TSK_FS_META_TYPE_REG and digests:
+            if not is_dir and meta.type == pytsk3.TSK_FS_META_TYPE_REG and digests and budget > 0:
                 fe.digest = _digest(entry, size)
+                budget -= size if size <= DIGEST_LIMIT else 2 * 65536
             out[path] = fe
             if len(out) >= limit:
                 return out, True
@@ -300,7 +305,8 @@ def compare(at: FsTree, now: FsTree | None) -> list[FileEntry]:
         cur = now.entries.get(path)
         if cur is None:
             e.status = "deleted"
-        elif not e.is_dir and (e.size != cur.size or e.digest != cur.digest):
+        elif not e.is_dir and (e.size != cur.size or (e.digest != cur.digest if e.digest and cur.digest
+                                                       else e.mtime != cur.mtime)):
             e.status = "changed"
         out.append(e)
     for path, cur in now.entries.items():
