@@ -88,6 +88,14 @@ def test_attach_to_running_serve(window: Any, app: Any, served: Any, qtbot: Any)
     wait_until(app, lambda: view.preview.seq == m.seq, 10, "the preview at 'formatted'")
     assert view.preview.files() == {}, "nothing but an empty filesystem when it was formatted"
 
+    # an export runs inside serve (a remote job) with progress in the console
+    out = store_dir.parent / "formatted.img"
+    view.export_point(str(out))
+    wait_until(app, lambda: view.job_dialog.finished_state, 30, "the remote export")
+    assert view.job_dialog.finished_state == "done", view.job_dialog.detail.text()
+    assert out.stat().st_size == 16 << 20
+    view.job_dialog.accept()
+
     # serve dies: the console says protection stopped
     proc.send_signal(signal.SIGKILL if os.environ.get("REWIND_TEST_KILL") else signal.SIGTERM)
     proc.wait(15)
