@@ -62,8 +62,8 @@ class Charts(QWidget):
         self.glw.setMinimumHeight(220)
         self.glw.ci.setContentsMargins(4, 4, 4, 4)
         self.glw.ci.setSpacing(2)
-        self.rate_plot = self.glw.addPlot(row=0, col=0, axisItems={"bottom": TimeAxis()})
-        self.journal_plot = self.glw.addPlot(row=1, col=0, axisItems={"bottom": TimeAxis()})
+        self.rate_plot = self.glw.addPlot(row=0, col=0, axisItems={"bottom": TimeAxis()}, enableMenu=False)
+        self.journal_plot = self.glw.addPlot(row=1, col=0, axisItems={"bottom": TimeAxis()}, enableMenu=False)
         self.glw.ci.layout.setRowStretchFactor(0, 3)
         self.glw.ci.layout.setRowStretchFactor(1, 2)
         for p in (self.rate_plot, self.journal_plot):
