@@ -64,8 +64,10 @@ class JobDialog(QDialog):
         rate = float(ev.rate or 0.0)
         left = (total - ev.done) / rate if rate > 0 else 0
         speed = f"{human_bytes(rate)}/s" if self.unit == "bytes" else f"{rate:,.0f} {self.unit}/s"
-        self.detail.setText(f"{self._fmt(ev.done)} of {self._fmt(total)}  ·  {speed}  ·  "
-                            f"about {human_duration(left)} left")
+        eta = "less than a second left" if left < 1 else f"about {human_duration(left)} left"
+        if rate <= 0:
+            eta = "estimating time left"
+        self.detail.setText(f"{self._fmt(ev.done)} of {self._fmt(total)}  ·  {speed}  ·  {eta}")
 
     def _cancel(self) -> None:
         self.cancel_button.setEnabled(False)
