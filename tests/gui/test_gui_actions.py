@@ -182,3 +182,28 @@ def test_full_disk_export_says_so(window: Any, app: Any, tmp_path: Path, tiny_di
     box = wait_until(app, lambda: errdlg.OPEN_DIALOGS[-1] if errdlg.OPEN_DIALOGS else None, 10, "a dialog")
     assert "disk is full" in box.text().lower() and "free" in box.informativeText().lower()
     assert list(tiny_disk.iterdir()) == [], "nothing half-written is left on the full disk"
+
+
+@pytest.mark.qt_no_exception_capture
+def test_exception_in_a_slot_shows_a_dialog_and_the_app_lives_on(window: Any, app: Any) -> None:
+    import sys
+
+    from PySide6.QtCore import QTimer
+    from rewind.app.dialogs import errors as errdlg
+    from rewind.app.main import _install_excepthook
+    from rewind.engine.errors import CorruptionError
+
+    old = sys.excepthook
+    _install_excepthook(lambda: window)
+    try:
+        def boom() -> None:
+            raise CorruptionError("seg 3 offset 4096: checksum mismatch", "/s/journal/3", 4096)
+
+        QTimer.singleShot(0, boom)
+        box = wait_until(app, lambda: next((b for b in errdlg.OPEN_DIALOGS
+                                            if b.windowTitle() == "Something went wrong"), None), 10, "the dialog")
+        assert "damaged" in box.text() and "Verify" in box.informativeText()
+        assert "Traceback" in box.detailedText()
+        assert window.isVisible()
+    finally:
+        sys.excepthook = old
