@@ -640,15 +640,21 @@ class Store:
 
     def journal_external(self, off: int, data: bytes, old: bytes) -> None:
         """Watch mode: journal a write another program already made to the primary."""
+        self.journal_external_many([(off, data, old)])
+
+    def journal_external_many(self, items: list[tuple[int, bytes, bytes]]) -> None:
+        """Watch mode: journal many external writes (new and old contents) with one append."""
         bs = self.block_size
-        if off % bs or len(data) % bs or len(old) != len(data):
-            raise BadInput("external writes must be whole blocks with their old contents")
-        self._check_range(off, len(data))
+        for off, data, old in items:
+            if off % bs or len(data) % bs or len(old) != len(data):
+                raise BadInput("external writes must be whole blocks with their old contents")
+            self._check_range(off, len(data))
         with self._lock:
             batch = _Batch()
-            b0, count = off // bs, len(data) // bs
-            self._stage_baselines(batch, b0, count, old=memoryview(old))
-            self._stage_write(batch, b0, memoryview(data), primary=False)
+            for off, data, old in items:
+                b0, count = off // bs, len(data) // bs
+                self._stage_baselines(batch, b0, count, old=memoryview(old))
+                self._stage_write(batch, b0, memoryview(data), primary=False)
             self._apply(batch)
         self._wake_indexer()
 
@@ -842,6 +848,7 @@ class Store:
                 "maps": [m.__dict__ for m in db.maps()],
                 "recovery": list(self.recovery),
                 "retention": self.retention(),
+                "watch": self._watch_info(),
             }
 
     # diff --------------------------------------------------------------------------------
@@ -964,6 +971,14 @@ class Store:
                     self._emit("error", {"message": f"retention failed: {e}"})
 
         threading.Thread(target=loop, name="rewind-retention", daemon=True).start()
+
+    def _watch_info(self) -> dict[str, Any] | None:
+        """Watch mode is near-continuous, not a mirror: say so, and how the watcher is doing."""
+        if self.meta.get("mode") != "watch":
+            return None
+        from .frontends.watch import watch_info
+
+        return watch_info(self.dir)
 
     def save_meta(self) -> None:
         _write_json(self.dir / "store.json", self.meta)

@@ -420,11 +420,13 @@ class Watcher:
         """Journal (durably) first, then update the shadow: a crash in between re-journals."""
         sfd = os.open(self.shadow_path, os.O_RDWR | os.O_CLOEXEC)
         try:
+            items = []
             for off, data in runs:
                 oldd = os.pread(sfd, len(data), off)
                 if len(oldd) < len(data):
                     oldd += bytes(len(data) - len(oldd))
-                self.store.journal_external(off, data, oldd)
+                items.append((off, data, oldd))
+            self.store.journal_external_many(items)  # one journal append for the whole scan
             self.store.live.flush()
             self._save_state(digests_valid=False)
             for off, data in runs:
