@@ -1,6 +1,7 @@
 """The timeline: a slider from the horizon to now with the write density drawn under it and the
-marks as ticks you can click. Drag or click anywhere to pick a time; Left/Right step one record,
-PageUp/PageDown (or Ctrl+Left/Right) jump mark to mark, Home/End go to the horizon/now."""
+marks as ticks you can click. Drag or click anywhere to pick a time; Left/Right (or the wheel)
+step one record, PageUp/PageDown (or Ctrl+Left/Right, Ctrl+wheel) jump mark to mark, Home/End go
+to the horizon/now."""
 
 from __future__ import annotations
 
@@ -232,6 +233,17 @@ class Timeline(QWidget):
         self.seq, self.t_point = int(m.seq), int(m.time_ns)
         self.update()
         self.seqRequested.emit(int(m.seq))
+
+    def wheelEvent(self, event: Any) -> None:
+        """The wheel steps one record per notch (Ctrl: mark to mark)."""
+        notches = event.angleDelta().y() // 120
+        if not notches:
+            return
+        if event.modifiers() & Qt.KeyboardModifier.ControlModifier:
+            self.step_mark(-1 if notches > 0 else 1)
+        else:
+            self.step(-notches)
+        event.accept()
 
     # -- keyboard -------------------------------------------------------------------------------
     def step(self, n: int) -> None:
