@@ -448,8 +448,10 @@ def _install_excepthook(window_getter: Any) -> None:
 
 
 def preload() -> None:
-    """Import what a volume view needs (pyqtgraph, numpy, pytsk3: about a second) once the
-    window is on screen, so that opening the first protection does not pay for it."""
+    """Import what a volume view needs (pyqtgraph, numpy, pytsk3, the engine: about a second)
+    once the window is on screen, so that opening the first protection does not pay for it."""
+    import rewind.engine.store  # noqa: F401
+
     from .views import volume  # noqa: F401
 
 
