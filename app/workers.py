@@ -287,6 +287,14 @@ class VolumeWorker(QObject):
             self.fileReady.emit(purpose, path, self.builder.read_file(seq, path, limit))
         self._post("read-file", run)
 
+    def read_block(self, seq: int, block: int) -> None:
+        """One block as it was at `seq` (the hex view of the block map)."""
+        def run() -> None:
+            assert self.link is not None
+            bs = self.link.block_size
+            self.fileReady.emit("block", block, self.link.at(seq).read(block * bs, bs))
+        self._post("read-block", run)
+
     def save_file(self, seq: int, path: str, dest: str) -> None:
         """Restore one file as it was at `seq` into `dest` (written beside, then renamed)."""
         def run() -> None:

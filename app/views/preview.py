@@ -4,6 +4,7 @@ filesystem is recognised: a map of the blocks changed since the point, and a hex
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 from PySide6.QtCore import QRectF, QSize, Qt, Signal
@@ -58,7 +59,10 @@ def looks_like_text(data: bytes) -> bool:
 
 
 class BlockMap(QWidget):
-    """Blocks changed since the point, drawn as a grid of cells (each cell a run of blocks)."""
+    """Blocks changed since the point, drawn as a grid of cells (each cell a run of blocks).
+    Click a cell to see its first changed block (or its first block) in hex."""
+
+    blockClicked = Signal(int)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -67,20 +71,42 @@ class BlockMap(QWidget):
         self.setMinimumHeight(120)
 
     def set_blocks(self, blocks: list[int], nblocks: int) -> None:
-        self.blocks, self.nblocks = blocks, max(1, nblocks)
+        self.blocks, self.nblocks = sorted(blocks), max(1, nblocks)
         self.update()
 
     def sizeHint(self) -> QSize:
         return QSize(400, 200)
 
-    def paintEvent(self, event: Any) -> None:
-        c = colors()
-        p = QPainter(self)
+    def _grid(self) -> tuple[int, int, int, int]:
         cell = 8
         cols = max(1, (self.width() - 8) // cell)
         rows = max(1, (self.height() - 8) // cell)
+        return cell, cols, rows, max(1, -(-self.nblocks // (cols * rows)))
+
+    def block_at(self, x: float, y: float) -> int | None:
+        """The block a click at (x, y) stands for: the cell's first changed block, else its first."""
+        cell, cols, rows, per = self._grid()
+        cx, cy = int((x - 4) // cell), int((y - 4) // cell)
+        if not (0 <= cx < cols and 0 <= cy < rows):
+            return None
+        first = (cy * cols + cx) * per
+        if first >= self.nblocks:
+            return None
+        i = bisect.bisect_left(self.blocks, first)
+        if i < len(self.blocks) and self.blocks[i] < first + per:
+            return self.blocks[i]
+        return first
+
+    def mousePressEvent(self, event: Any) -> None:
+        b = self.block_at(event.position().x(), event.position().y())
+        if b is not None:
+            self.blockClicked.emit(b)
+
+    def paintEvent(self, event: Any) -> None:
+        c = colors()
+        p = QPainter(self)
+        cell, cols, rows, per = self._grid()
         cells = cols * rows
-        per = max(1, -(-self.nblocks // cells))
         hit = [0] * cells
         for b in self.blocks:
             i = b // per
@@ -105,6 +131,7 @@ class PreviewPane(QWidget):
 
     fileRequested = Signal(int, str)  # seq, path: show it
     saveRequested = Signal(int, str)  # seq, path: restore it (owner asks where)
+    blockRequested = Signal(object, object)  # seq, block: show it in hex
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -168,6 +195,8 @@ class PreviewPane(QWidget):
 
         # no filesystem: block map + hex
         self.block_map = BlockMap()
+        self.block_map.blockClicked.connect(
+            lambda b: self.blockRequested.emit(self.preview.seq, b) if self.preview is not None else None)
         self.block_label = QLabel("")
         self.block_label.setWordWrap(True)
         self.block_hex = QPlainTextEdit()
@@ -290,6 +319,14 @@ class PreviewPane(QWidget):
         self.block_label.setText(f"Hex of the first changed block (offset {first:#x}) as it was at this point:"
                                  if p.changed_blocks else "Hex of the first block:")
         self.block_hex.setPlainText(hexdump(p.first_bytes, first))
+
+    def show_block(self, block: int, data: bytes) -> None:
+        if self.preview is None:
+            return
+        off = block * self.preview.block_size
+        changed = "changed since this point" if block in set(self.preview.changed_blocks) else "unchanged since"
+        self.block_label.setText(f"Block {block:,} (offset {off:#x}), {changed}, as it was at this point:")
+        self.block_hex.setPlainText(hexdump(data, off))
 
     # -- file contents ----------------------------------------------------------------------------
     def selected_entry(self) -> FileEntry | None:

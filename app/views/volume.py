@@ -232,6 +232,7 @@ class VolumeView(QWidget):
         self.charts.markClicked.connect(lambda s: self.go_to_seq(int(s)))
         self.preview_pane.fileRequested.connect(lambda seq, path: w.read_file("show", seq, path, 1 << 20))
         self.preview_pane.saveRequested.connect(self._save_file)
+        self.preview_pane.blockRequested.connect(lambda seq, b: w.read_block(int(seq), int(b)))
         self.mark_button.clicked.connect(self.mark_now)
         self.export_button.clicked.connect(self.export_point)
         self.rewind_button.clicked.connect(self.rewind_point)
@@ -452,6 +453,8 @@ class VolumeView(QWidget):
     def _on_file(self, purpose: str, path: Any, data: Any) -> None:
         if purpose == "show":
             self.preview_pane.show_file(str(path), bytes(data))
+        elif purpose == "block":
+            self.preview_pane.show_block(int(path), bytes(data))
         elif purpose == "saved":
             self.notify.emit("File restored", f"{path} ({human_bytes(int(data))})", "info")
             self.info_bar.show_message(f"Restored {Path(str(path)).name} ({human_bytes(int(data))}) to {path}")

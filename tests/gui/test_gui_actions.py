@@ -81,7 +81,8 @@ def test_verify_finds_damage(window: Any, app: Any, tmp_path: Path) -> None:
     shot(window, "verify-damage", dialog=box)
 
 
-def test_dark_palette(window: Any, app: Any, tmp_path: Path) -> None:
+def test_dark_palette_and_block_map(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
+    from PySide6.QtCore import QPoint, Qt
     from rewind.app.theme import apply_theme
 
     apply_theme(app, "dark")
@@ -95,6 +96,13 @@ def test_dark_palette(window: Any, app: Any, tmp_path: Path) -> None:
         view.timeline.jump_to_mark(view.snap.marks[0])
         wait_until(app, lambda: view.preview.seq == view.snap.marks[0].seq, 10, "the mark's preview")
         assert len(view.preview.changed_blocks) == 32
+        # a click on the block map shows that block, as it was, in hex
+        bm = view.preview_pane.block_map
+        cell_x, cell_y = 4 + 2 * 8 + 3, 4 + 3  # the third cell: block 2 (one block per cell here)
+        assert bm.block_at(cell_x, cell_y) == 2
+        qtbot.mouseClick(bm, Qt.MouseButton.LeftButton, pos=QPoint(cell_x, cell_y))
+        wait_until(app, lambda: "Block 2 " in view.preview_pane.block_label.text(), 10, "the block's hex")
+        assert view.preview_pane.block_hex.toPlainText().startswith("00002000  03 03 03")
         shot(window, "volume-dark-blocks")
     finally:
         apply_theme(app, "light")
