@@ -364,6 +364,8 @@ class VolumeView(QWidget):
             self.refresh_timer.stop()
         if what == "demo" and self.snap is not None:
             self.notify.emit("Demo workload stopped", f"{e}", "warning")
+        if what == "rewind-check":
+            self._reset_rewind_button()
         if what == "serve":
             self.serve_button.blockSignals(True)
             self.serve_button.setChecked(False)
@@ -499,9 +501,13 @@ class VolumeView(QWidget):
         seq = self.point_seq()
         if seq is None:
             return
+        # working out what would change reads the history: say so while it runs
+        self.rewind_button.setEnabled(False)
+        self.rewind_button.setText("Checking what would change...")
         self.worker.confirm_rewind_info(seq)
 
     def _on_confirm_info(self, seq: int, info: dict[str, int]) -> None:
+        self._reset_rewind_button()
         if self.preview is None or self.snap is None:
             return
         near = self._nearest_mark(self.preview.time_ns)
@@ -513,6 +519,10 @@ class VolumeView(QWidget):
         self.rewind_dialog = dlg
         dlg.accepted.connect(lambda: self._do_rewind(seq))
         dlg.open()
+
+    def _reset_rewind_button(self) -> None:
+        self.rewind_button.setText("Rewind to this point...")
+        self._set_enabled(self.snap is not None)
 
     def _do_rewind(self, point: int | str, undo: bool = False) -> None:
         self.rewind_dialog = None
