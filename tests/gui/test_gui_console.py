@@ -85,6 +85,7 @@ def test_demo_mark_preview_export_rewind_undo(window: Any, app: Any, tmp_path: P
     counts = view.preview.counts()
     assert sum(counts.values()) > 0, "files changed since the mark are marked"
     shot(window, "volume-demo")
+    shot(window, "volume")  # the README's picture
     candidates = [e for e in view.preview.entries if e.status in ("changed", "deleted") and not e.is_dir]
     # a picture or a text shows best in the screenshot; any changed file will do otherwise
     candidates.sort(key=lambda e: (not e.path.endswith(".png"), not e.path.endswith(".txt")))
