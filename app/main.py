@@ -31,7 +31,6 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from . import dialogs as _dialogs_pkg  # noqa: F401 - keeps the package importable for tests
 from .assets import app_icon
 from .dialogs import errors as errdlg
 from .dialogs.protect import ProtectDialog
@@ -191,8 +190,6 @@ class MainWindow(QMainWindow):
             errdlg.show_info(self, "Theme", "The new colours apply fully to charts opened from now on.")
 
     def about(self) -> None:
-        from rewind.engine import __name__ as _engine  # noqa: F401
-
         errdlg.show_info(self, "About Rewind",
                          "Rewind: continuous data protection for Linux disk images.",
                          "Every write kept; any moment back. GPL-3.0-or-later.")

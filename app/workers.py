@@ -21,7 +21,7 @@ from typing import Any
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 from .link import Link
-from .preview import Preview, PreviewBuilder
+from .preview import PreviewBuilder
 from .stats import ChartData, StatSeries
 
 
@@ -451,7 +451,3 @@ class VolumeWorker(QObject):
         self.lane.stop(int(timeout_s * 1000))
         self.closed.emit()
 
-
-def preview_files(preview: Preview) -> dict[str, str]:
-    """Path -> digest of the files present at the preview's point (for tests and tools)."""
-    return preview.files()
