@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # Qt is imported lazily: this module stays importable without it
+    from PySide6.QtGui import QIcon
 
 _HERE = Path(__file__).resolve().parent
 _CANDIDATES = (_HERE / "resources", _HERE.parent / "resources")
@@ -18,7 +22,7 @@ def resource_path(name: str) -> Path | None:
     return None
 
 
-def app_icon():  # -> QIcon (imported lazily so this module stays importable without Qt)
+def app_icon() -> QIcon:
     """The application icon at every size we ship (SVG scales for HiDPI; PNGs for trays)."""
     from PySide6.QtGui import QIcon
 

@@ -64,16 +64,16 @@ class _Lane(QObject):
 
     def __init__(self, name: str) -> None:
         super().__init__()
-        self.thread = QThread()
-        self.thread.setObjectName(name)
+        self.qthread = QThread()  # not `thread`: that would hide QObject.thread()
+        self.qthread.setObjectName(name)
         self.runner = _Runner()
-        self.runner.moveToThread(self.thread)
+        self.runner.moveToThread(self.qthread)
         self.post.connect(self.runner.run)
-        self.thread.start()
+        self.qthread.start()
 
     def stop(self, timeout_ms: int = 30000) -> bool:
-        self.thread.quit()
-        return bool(self.thread.wait(timeout_ms))
+        self.qthread.quit()
+        return bool(self.qthread.wait(timeout_ms))
 
 
 def describe(e: BaseException) -> str:

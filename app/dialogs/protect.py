@@ -43,11 +43,11 @@ class ProtectDialog(QDialog):
         self.image.setPlaceholderText("/path/to/disk.img or /dev/loop3")
         self.store = QLineEdit()
         self.store.setPlaceholderText("where the history is kept")
-        self.size = QSpinBox()
-        self.size.setRange(0, 1 << 20)
-        self.size.setSuffix(" MiB")
-        self.size.setSpecialValueText("image exists")
-        self.size.setToolTip("Only for a new image: creates a sparse file of this size")
+        self.size_box = QSpinBox()
+        self.size_box.setRange(0, 1 << 20)
+        self.size_box.setSuffix(" MiB")
+        self.size_box.setSpecialValueText("image exists")
+        self.size_box.setToolTip("Only for a new image: creates a sparse file of this size")
         browse_img = QPushButton("Browse...")
         browse_img.clicked.connect(self._pick_image)
         browse_store = QPushButton("Browse...")
@@ -61,7 +61,7 @@ class ProtectDialog(QDialog):
         row2.addWidget(browse_store)
         form.addRow("Disk image or device:", row1)
         form.addRow("History folder:", row2)
-        form.addRow("New image size:", self.size)
+        form.addRow("New image size:", self.size_box)
         note = QLabel("Protection starts at once, without copying the image: from now on every write "
                       "made through Rewind (its NBD socket, FUSE file or watch mode) is kept.")
         note.setWordWrap(True)
@@ -95,5 +95,5 @@ class ProtectDialog(QDialog):
             self.store.setText(str(default_store_dir(text)))
 
     def values(self) -> tuple[str, str, int | None]:
-        size = self.size.value()
+        size = self.size_box.value()
         return self.image.text().strip(), self.store.text().strip(), (size << 20) if size else None
