@@ -7,7 +7,7 @@ Everything goes through the engine's public API; the console never touches a sto
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,7 @@ class Link:
             return self.store.rewind(seq)
         remote = self.store
 
-        def body(check: Callable[[], None]) -> Iterator[Progress]:
+        def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
             check()
             yield Progress("rewind", 0, 1)
             result = remote.rewind(seq)  # runs inside serve, which journals it
