@@ -30,6 +30,39 @@ class RemoteView:
         return bytes(self.remote.read_at(self.seq, off, n))
 
 
+class WatchedVolume:
+    """The live volume as a front end sees it, reporting every failed write to `on_error`
+    (then raising as before): the NBD client gets its error, and the console says so."""
+
+    def __init__(self, volume: Any, on_error: Callable[[str, BaseException], None]) -> None:
+        self._volume = volume
+        self._on_error = on_error
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._volume, name)
+        if name not in ("write", "write_many", "zero", "trim", "flush"):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:
+                self._on_error(name, e)
+                raise
+        return call
+
+
+class WatchedStore:
+    """A Store for an in-process front end (NbdServer) whose live writes are watched."""
+
+    def __init__(self, store: Any, on_error: Callable[[str, BaseException], None]) -> None:
+        self._store = store
+        self.live = WatchedVolume(store.live, on_error)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
 class Link:
     """The protection behind one volume view. `remote` says which kind it is."""
 

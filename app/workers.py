@@ -20,7 +20,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
-from .link import Link
+from .link import Link, WatchedStore
 from .preview import PreviewBuilder
 from .stats import ChartData, StatSeries
 
@@ -104,6 +104,7 @@ class VolumeWorker(QObject):
     jobFailed = Signal(str, object)  # kind, exception (Cancelled when cancelled)
     engineEvent = Signal(str, object)  # engine listener events, bridged
     serveChanged = Signal(str)  # "" stopped, else the URI
+    writeFailed = Signal(str, object)  # a write through the console's own NBD server failed
     closed = Signal()
 
     def __init__(self, name: str) -> None:
@@ -124,6 +125,7 @@ class VolumeWorker(QObject):
         self.series = StatSeries()  # the whole history's per-second rows (this worker's thread only)
         self._closing = False
         self._listener = self._on_engine_event
+        self._last_write_error = -1e9
         # kept so a view made after the store opened (or failed) still learns of it
         self.opened_snapshot: Snapshot | None = None
         self.open_error: BaseException | None = None
@@ -333,9 +335,19 @@ class VolumeWorker(QObject):
 
             assert self.link is not None and not self.link.remote
             if self.server is None:
-                self.server = NbdServer(self.link.store, address).start()
+                store = WatchedStore(self.link.store, self._write_failed)
+                self.server = NbdServer(store, address).start()
             self.serveChanged.emit(self.server.uri)
         self._post("serve", run)
+
+    def _write_failed(self, op: str, e: BaseException) -> None:
+        """A client's write through our NBD server failed (NBD thread): tell the view, at most
+        once every 10 s (a failing disk fails every write)."""
+        now = time.monotonic()
+        if now - self._last_write_error < 10:
+            return
+        self._last_write_error = now
+        self.writeFailed.emit(op, e)
 
     def stop_serve(self) -> None:
         def run() -> None:

@@ -226,6 +226,7 @@ class VolumeView(QWidget):
         w.jobFailed.connect(self._on_job_failed)
         w.engineEvent.connect(self._on_engine_event)
         w.serveChanged.connect(self._on_serve_changed)
+        w.writeFailed.connect(self._on_write_failed)
         self.timeline.timeRequested.connect(lambda t: self._want(("time", int(t))))
         self.timeline.seqRequested.connect(lambda s: self._want(("seq", int(s))))
         self.timeline.nowRequested.connect(lambda: self._want(("now", 0)))
@@ -566,6 +567,13 @@ class VolumeView(QWidget):
         self.worker.refresh()
         if uri:
             self.notify.emit("Serving", f"{self.title} at {uri}", "info")
+
+    def _on_write_failed(self, op: str, e: BaseException) -> None:
+        from ..dialogs.errors import explain
+
+        what, todo = explain(e, doing=f"a {op}")
+        self.notify.emit("A write failed", f"{self.title}: {what} {todo}", "critical")
+        self.info_bar.show_message(f"A write to {self.title} failed: {what}")
 
     def _copy_uri(self) -> None:
         QApplication.clipboard().setText(self.serve_uri.text())

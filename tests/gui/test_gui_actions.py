@@ -215,3 +215,25 @@ def test_exception_in_a_slot_shows_a_dialog_and_the_app_lives_on(window: Any, ap
         assert window.isVisible()
     finally:
         sys.excepthook = old
+
+
+def test_failed_write_through_serve_notifies(window: Any, app: Any, tmp_path: Path, tiny_disk: Path) -> None:
+    """The history lives on a disk that fills up: a client's write through the console's NBD
+    server fails, the client gets an error, and the console says so loudly."""
+    from rewind.engine.store import Store
+
+    if shutil.which("qemu-io") is None:
+        pytest.skip("qemu-io is not installed: no NBD client to write with")
+    Store.create(tmp_path / "disk.img", tiny_disk / "store", size=8 << 20).close()
+    view = window.open_store(str(tiny_disk / "store"))
+    wait_until(app, lambda: view.snap is not None, 20, "the store to open")
+    view.serve_button.click()
+    uri = wait_until(app, lambda: view.serve_uri.text(), 20, "the NBD URI")
+    r = subprocess.run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 0 3M", "-c", "flush"],
+                       capture_output=True, text=True, timeout=60)
+    assert "error" in (r.stdout + r.stderr).lower() or r.returncode != 0, r.stdout + r.stderr
+    wait_until(app, lambda: any(n[0] == "A write failed" for n in window.notifications), 20,
+               "the failed-write notification")
+    note = next(n for n in window.notifications if n[0] == "A write failed")
+    assert note[2] == "critical" and "full" in note[1].lower(), note
+    view.serve_button.click()
