@@ -67,13 +67,14 @@ def explain(e: BaseException, doing: str = "") -> tuple[str, str]:
 
 
 def show_error(parent: QWidget | None, title: str, e: BaseException | str, doing: str = "",
-               details: str = "") -> QMessageBox:
+               details: str = "", todo: str = "") -> QMessageBox:
     """Open (non-blocking) an error dialog for `e`; returns it."""
     if isinstance(e, BaseException):
-        what, todo = explain(e, doing)
+        what, said = explain(e, doing)
+        todo = todo or said
         details = details or getattr(e, "__rewind_traceback__", "") or f"{type(e).__name__}: {e}"
     else:
-        what, todo = e, ""
+        what = e
     box = QMessageBox(parent)
     box.setIcon(QMessageBox.Icon.Critical)
     box.setWindowTitle(title)

@@ -624,7 +624,11 @@ class VolumeView(QWidget):
                     dlg.done_failed(f"{len(problems)} problems found.")
                 show_error(self, "Verify found damage",
                            f"{len(problems)} problem(s) in the history of {self.title}.",
-                           details="\n".join(str(p) for p in problems[:200]))
+                           details="\n".join(str(p) for p in problems[:200]),
+                           todo="Rewind never serves damaged data: a read that needs a damaged record fails "
+                                "and says where. The volume itself is unharmed. Export the points you need "
+                                "while they still read, then protect the image again into a new folder. "
+                                "Show Details lists every problem with its file and offset.")
                 self.notify.emit("Verify found damage", f"{self.title}: {len(problems)} problems", "critical")
             else:
                 if dlg is not None:
