@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadInput
+from ..errors import BadInput, NoSpace
 from . import Job, Progress
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def export_job(store: Store, seq: int, out: str | Path) -> Job:
                 n = min(CHUNK, size - off)
                 data = store._read(seq, off, n)
                 if data != zeros[:n]:  # keep the image sparse
-                    os.pwrite(fd, data, off)
+                    _pwrite_all(fd, data, off, dest)
                 yield Progress("export", off + n, size)
             os.fsync(fd)
             os.rename(tmp, dest)
@@ -54,3 +55,19 @@ def export_job(store: Store, seq: int, out: str | Path) -> Job:
         return str(dest)
 
     return Job("export", body)
+
+
+def _pwrite_all(fd: int, data: bytes, off: int, dest: Path) -> None:
+    """All of it or an error: a short write (a full disk) must never leave a wrong image."""
+    mv = memoryview(data)
+    try:
+        while len(mv):
+            k = os.pwrite(fd, mv, off)
+            if k <= 0:
+                raise OSError(errno.ENOSPC, "short write")
+            mv = mv[k:]
+            off += k
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space left on the disk holding {dest}: free some space or export elsewhere") from e
+        raise
