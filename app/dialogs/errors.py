@@ -35,6 +35,10 @@ def explain(e: BaseException, doing: str = "") -> tuple[str, str]:
                 "Rewind never serves damaged data. Run Verify to see what is affected; points that still "
                 "read can be exported. If the store cannot be opened, protect the image again into a new "
                 "folder (the image itself is unharmed).")
+    if isinstance(e, NoSpace) and "space limit" not in msg:
+        return (f"The disk is full: {msg}",
+                "Free some space on that disk (or pick another place), then try again. "
+                "Nothing half-written was left behind.")
     if isinstance(e, NoSpace):
         return (f"The journal is full: {msg}",
                 "Free space on the disk that holds the protection, or raise its space limit / shorten "

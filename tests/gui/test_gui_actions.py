@@ -174,8 +174,6 @@ def tiny_disk(tmp_path: Path) -> Any:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-@pytest.mark.xfail(reason="engine bug: Store.export ignores a short os.pwrite on a full disk and finishes "
-                          "with a silently wrong image instead of ENOSPC (reported to the lead)", strict=False)
 def test_full_disk_export_says_so(window: Any, app: Any, tmp_path: Path, tiny_disk: Path) -> None:
     from rewind.app.dialogs import errors as errdlg
     from rewind.engine.store import Store
