@@ -504,7 +504,7 @@ class VolumeView(QWidget):
             return
         # working out what would change reads the history: say so while it runs
         self.rewind_button.setEnabled(False)
-        self.rewind_button.setText("Checking what would change...")
+        self.info_bar.show_message(f"Working out what a rewind to record {seq:,} would change...")
         self.worker.confirm_rewind_info(seq)
 
     def _on_confirm_info(self, seq: int, info: dict[str, int]) -> None:
@@ -522,7 +522,7 @@ class VolumeView(QWidget):
         dlg.open()
 
     def _reset_rewind_button(self) -> None:
-        self.rewind_button.setText("Rewind to this point...")
+        self.info_bar.hide()
         self._set_enabled(self.snap is not None)
 
     def _do_rewind(self, point: int | str, undo: bool = False) -> None:

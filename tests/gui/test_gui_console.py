@@ -119,6 +119,7 @@ def test_demo_mark_preview_export_rewind_undo(window: Any, app: Any, tmp_path: P
     view.rewind_point()
     dlg = wait_until(app, lambda: view.rewind_dialog, 20, "the rewind confirmation")
     assert "blocks" in dlg.body.text() and dlg.rewind_button.isEnabled()
+    qtbot.wait(50)  # let the layout settle (the "working out" bar just went away)
     shot(window, "rewind-confirm", dialog=dlg)
     dlg.rewind_button.click()
     wait_until(app, lambda: view.info_bar.isVisible() and view._undo_mark, 60, "the rewind")
