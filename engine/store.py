@@ -483,6 +483,15 @@ class Store:
             raise BadInput(f"range {off}+{n} is outside the volume (size {self.size})")
 
     def _write_many(self, reqs: list[Req], fua: bool) -> None:
+        try:
+            self._write_many_locked(reqs, fua)
+        except BadInput:
+            raise
+        except Exception as e:  # a write that fails must never fail silently: tell the consoles
+            self._emit("write-failed", {"message": str(e), "kind": type(e).__name__})
+            raise
+
+    def _write_many_locked(self, reqs: list[Req], fua: bool) -> None:
         bs = self.block_size
         with self._lock:
             if self._closed:
