@@ -9,13 +9,23 @@ DIR/control.sock (mode 0600, same user only) and answers JSON-lines requests on 
               {"ok": false, "exit_code": 2, "error": "PointError", "message": "..."}
 
 During a job the client may send {"op": "cancel"}; closing the connection cancels too. One
-connection carries any number of requests, one at a time. Everything that arrives on the socket is
+connection carries any number of requests, one at a time.
+
+    request   {"op": "events"}       subscribe to the engine's listener events (consoles)
+    replies   {"ok": true, "result": {"subscribed": true}}, then one line per event:
+              {"event": {"kind": "write-failed", "data": {...}}}
+              {"event": {"kind": "dropped", "data": {"count": 12}}}   (a slow reader missed some)
+              {"event": {"kind": "ping", "data": {}}}                 (when idle, so both ends see a break)
+
+The subscription holds the connection until the client closes it or sends {"op": "cancel"}; the
+engine's listener only queues (bounded), so a slow or stuck console never slows writes. Everything that arrives on the socket is
 checked (types, sizes) before use on either side, and lines are capped.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -42,6 +52,10 @@ READ_MAX = 16 << 20  # bytes per read_at
 MAX_CONNECTIONS = 32
 SEND_TIMEOUT_S = 60.0
 TEXT_MAX = 4096  # names, points, paths, messages
+EVENT_MAX = 64 << 10  # one event line; bigger data is cut down to its message
+EVENT_QUEUE = 256  # events waiting for one subscriber; older ones are dropped (and counted) beyond
+MAX_SUBSCRIBERS = 8
+EVENT_PING_S = 5.0
 
 Json = Any
 
@@ -290,6 +304,7 @@ class ControlServer:
         self._lock = threading.Lock()
         self._views: dict[int, Any] = {}
         self._views_lock = threading.Lock()
+        self._subscribers = 0
 
     # -- lifecycle
 
@@ -424,6 +439,8 @@ class ControlServer:
         if job_op is not None:
             job = job_op(self, args)
             return self._run_job(job, conn, reader)
+        if op == "events":
+            return self._stream_events(conn, reader)
         if op == "cancel":
             return {"ok": True, "result": None}  # nothing running on this connection
         raise BadInput(f"control request: unknown op '{op[:64]}'; upgrade the client or the serve")
@@ -463,6 +480,48 @@ class ControlServer:
         if reader.eof:
             job.cancel()
 
+    # -- event subscriptions (consoles attached to this serve)
+
+    def _stream_events(self, conn: socket.socket, reader: LineReader) -> dict[str, Json]:
+        """Stream the store's listener events on this connection until the client closes it,
+        sends a line (any line, "cancel" expected) or serve stops; then reply and carry on."""
+        add = getattr(self.store, "add_listener", None)
+        remove = getattr(self.store, "remove_listener", None)
+        if not callable(add) or not callable(remove):
+            raise BadInput("events are not available in this version of the engine")
+        with self._lock:
+            if self._subscribers >= MAX_SUBSCRIBERS:
+                raise BadInput(f"too many event subscribers (at most {MAX_SUBSCRIBERS}): close a console")
+            self._subscribers += 1
+        sub = _Subscription(EVENT_QUEUE)
+        add(sub)
+        try:
+            conn.sendall(encode({"ok": True, "result": {"subscribed": True}}))
+            last = time.monotonic()
+            while not self._stopping.is_set():
+                items, dropped = sub.take(0.25)
+                if dropped:
+                    conn.sendall(encode({"event": {"kind": "dropped", "data": {"count": dropped}}}))
+                for kind, data in items:
+                    conn.sendall(event_line(kind, data))
+                now = time.monotonic()
+                if items or dropped:
+                    last = now
+                elif now - last >= EVENT_PING_S:
+                    conn.sendall(encode({"event": {"kind": "ping", "data": {}}}))
+                    last = now
+                try:
+                    line = reader.poll()
+                except ProtocolError:
+                    line = b""
+                if line is not None or reader.eof:
+                    break
+            return {"ok": True, "result": {"subscribed": False}}
+        finally:
+            remove(sub)
+            with self._lock:
+                self._subscribers -= 1
+
     # -- views for read_at, cached per resolved seq (a past point never changes)
 
     def _view(self, point: str | int) -> Any:
@@ -475,6 +534,63 @@ class ControlServer:
                     self._views.pop(next(iter(self._views)))
                 self._views[seq] = view
             return view
+
+
+# ---------------------------------------------------------------- events
+
+
+class _Subscription:
+    """An engine listener that only queues (bounded, oldest dropped and counted): the engine's
+    threads never wait for a console."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.items: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self.dropped = 0
+        self.cond = threading.Condition()
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        with self.cond:
+            if len(self.items) >= self.cap:
+                self.items.popleft()
+                self.dropped += 1
+            self.items.append((str(kind), dict(data) if isinstance(data, dict) else {}))
+            self.cond.notify()
+
+    def take(self, timeout: float) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+        with self.cond:
+            if not self.items and not self.dropped:
+                self.cond.wait(timeout)
+            items, self.items = list(self.items), collections.deque()
+            dropped, self.dropped = self.dropped, 0
+            return items, dropped
+
+
+def event_line(kind: str, data: dict[str, Any]) -> bytes:
+    """One event as a line of at most EVENT_MAX bytes (long lists cut, then only the message)."""
+    kind = kind[:64]
+    line = encode({"event": {"kind": kind, "data": to_json(data)}})
+    if len(line) <= EVENT_MAX:
+        return line
+    short = {k: (v[:5] if isinstance(v, list) else v) for k, v in data.items()}
+    short["truncated"] = True
+    line = encode({"event": {"kind": kind, "data": to_json(short)}})
+    if len(line) <= EVENT_MAX:
+        return line
+    msg = " ".join(str(data.get("message", "")).split())[:TEXT_MAX]
+    return encode({"event": {"kind": kind, "data": {"message": msg, "truncated": True}}})
+
+
+def event_from_json(d: object) -> tuple[str, dict[str, Json]]:
+    """(kind, data) of an event line, checked."""
+    if not isinstance(d, dict):
+        raise ProtocolError("control socket: event is not an object")
+    kind, data = d.get("kind"), d.get("data", {})
+    if not isinstance(kind, str) or not kind or len(kind) > 64:
+        raise ProtocolError("control socket: bad event kind")
+    if not isinstance(data, dict):
+        raise ProtocolError("control socket: event data is not an object")
+    return kind, data
 
 
 # ---------------------------------------------------------------- operations
@@ -756,6 +872,48 @@ class RemoteJob:
         return self.result
 
 
+class EventStream:
+    """The engine events of a running serve, on a connection of their own: iterate for
+    (kind, data) pairs (pings are skipped); close() ends it from any thread."""
+
+    def __init__(self, store_dir: str | os.PathLike[str]) -> None:
+        self._conn = Connection(store_dir)
+        self._conn.reader = LineReader(self._conn.sock, EVENT_MAX)
+        self.closed = False
+        try:
+            self._conn.send({"op": "events", "args": {}})
+            _result(self._conn.receive())
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, Json]]]:
+        try:
+            while True:
+                try:
+                    msg = self._conn.receive()
+                except ConnectionLost:
+                    return  # serve stopped (or we closed): the stream simply ends
+                except ProtocolError:
+                    if self.closed:
+                        return
+                    raise
+                if "event" not in msg:
+                    _result(msg)  # the end of the subscription (or the error that ended it)
+                    return
+                kind, data = event_from_json(msg["event"])
+                if kind != "ping":
+                    yield kind, data
+        finally:
+            self._conn.close()
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._conn.sock.shutdown(socket.SHUT_RDWR)
+        self._conn.close()
+
+
 class RemoteStore:
     """The parts of Store that work through a running `rewind serve` (for the CLI and the console).
     Thread-safe: simple calls share one connection under a lock; jobs get their own."""
@@ -765,12 +923,79 @@ class RemoteStore:
         self._lock = threading.Lock()
         self._conn: Connection | None = Connection(self.dir)
         self.remote = True
+        self._listeners: list[Callable[[str, dict[str, Json]], None]] = []
+        self._ev_lock = threading.Lock()
+        self._ev_stop = threading.Event()
+        self._ev_thread: threading.Thread | None = None
+        self._stream: EventStream | None = None
 
     def close(self) -> None:
+        self._stop_events()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    # -- events: the same listener interface as Store, fed by an "events" subscription
+
+    def events(self) -> EventStream:
+        return EventStream(self.dir)
+
+    def add_listener(self, fn: Callable[[str, dict[str, Json]], None]) -> None:
+        """Call fn(kind, data) for each engine event of the serve (from a background thread);
+        the subscription reconnects if serve restarts."""
+        with self._ev_lock:
+            self._listeners.append(fn)
+            if self._ev_thread is None or not self._ev_thread.is_alive():
+                self._ev_stop.clear()
+                self._ev_thread = threading.Thread(target=self._event_loop, name="rewind-remote-events",
+                                                   daemon=True)
+                self._ev_thread.start()
+
+    def remove_listener(self, fn: Callable[[str, dict[str, Json]], None]) -> None:
+        with self._ev_lock:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
+            last = not self._listeners
+        if last:
+            self._stop_events()
+
+    def _stop_events(self) -> None:
+        self._ev_stop.set()
+        with self._ev_lock:
+            stream, thread = self._stream, self._ev_thread
+        if stream is not None:
+            stream.close()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def _event_loop(self) -> None:
+        delay = 0.2
+        while not self._ev_stop.is_set():
+            try:
+                stream = EventStream(self.dir)
+            except (RewindError, OSError):
+                self._ev_stop.wait(delay)
+                delay = min(5.0, delay * 2)
+                continue
+            with self._ev_lock:
+                self._stream = stream
+            if self._ev_stop.is_set():
+                stream.close()
+            delay = 0.2
+            try:
+                for kind, data in stream:
+                    with self._ev_lock:
+                        fns = list(self._listeners)
+                    for fn in fns:
+                        with contextlib.suppress(Exception):  # a broken listener must not end the stream
+                            fn(kind, data)
+            except (RewindError, OSError):
+                pass
+            finally:
+                with self._ev_lock:
+                    self._stream = None
+            self._ev_stop.wait(delay)
 
     def __enter__(self) -> RemoteStore:
         return self
