@@ -147,6 +147,17 @@ class Server:
     def mark(self, name: str) -> str | None:
         return None
 
+    def cpu(self) -> float:
+        """CPU seconds the server process has used (all its threads), from /proc."""
+        if self.proc is None:
+            return 0.0
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 class Rewind(Server):
     name = "rewind"
@@ -272,20 +283,28 @@ def fio_part(root: Path, runtime: float, rounds: int, servers: list[type[Server]
 
     workloads: list[tuple[str, Callable[[Server], None]]] = []
 
+    def measured(s: Server, key: str, uri: str, rw: str, bs: str, qd: int) -> None:
+        c0, t0 = s.cpu(), time.monotonic()
+        r = fio(uri, rw, bs, qd, runtime)
+        c1, t1 = s.cpu(), time.monotonic()
+        add(s.name, key, r["mbs"] if key == "seq" else r["iops"])
+        if r["iops"] > 0:  # server CPU per request, all threads (2 cores: what it leaves fio matters)
+            add(s.name, key + "_cpu", (c1 - c0) / (r["iops"] * (t1 - t0)) * 1e6)
+
     def seq(s: Server) -> None:
-        add(s.name, "seq", fio(s.uri, "write", "1m", 8, runtime)["mbs"])
+        measured(s, "seq", s.uri, "write", "1m", 8)
 
     def randwrite(s: Server) -> None:
-        add(s.name, "randwrite", fio(s.uri, "randwrite", "4k", 32, runtime)["iops"])
+        measured(s, "randwrite", s.uri, "randwrite", "4k", 32)
 
     def randread(s: Server) -> None:
         fill(s.uri)
         past = s.mark("filled")
         if past is not None:
             overwrite_quarter(s.uri)
-        add(s.name, "randread", fio(s.uri, "randread", "4k", 32, runtime)["iops"])
+        measured(s, "randread", s.uri, "randread", "4k", 32)
         if past is not None:
-            add(s.name, "pastread", fio(s.uri_for(past), "randread", "4k", 32, runtime)["iops"])
+            measured(s, "pastread", s.uri_for(past), "randread", "4k", 32)
 
     workloads = [("seq 1M write QD8", seq), ("4k randwrite QD32", randwrite), ("4k randread QD32", randread)]
     for r in range(rounds):
@@ -323,6 +342,13 @@ def print_fio(m: dict[str, dict[str, float]], servers: list[str]) -> None:
             live = m["randread"]["rewind"]
             tgt = f"  past/live {ours / live:.2f}x >= 0.7x: {verdict(ours / live >= 0.7)}"
         print(f"{title:27} {unit:5}{cells}{ratio}{tgt}")
+    print()
+    print(f"{'server CPU per request':27} {'us':5}" + "".join(f"{s:>11}" for s in servers)
+          + "   (user+sys of the server process, all threads, while fio ran)")
+    for key, title, _unit, _target in rows:
+        vals = m.get(key + "_cpu", {})
+        if vals:
+            print(f"{title:27} {'':5}" + "".join(f"{vals[s]:>11,.1f}" if s in vals else f"{'-':>11}" for s in servers))
 
 
 # --- part 2: the engine ----------------------------------------------------------------------
