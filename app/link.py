@@ -7,12 +7,14 @@ Everything goes through the engine's public API; the console never touches a sto
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rewind.engine.errors import BadInput, StoreLocked
 from rewind.engine.jobs import Job, Progress
+from rewind.engine.retention import Policy, format_duration, plan
 
 
 class RemoteView:
@@ -220,10 +222,109 @@ class Link:
 
         return Job("rewind", body)
 
+    def set_retention(self, policy: str | None = None, max_size: int | None = None,
+                      on_full: str | None = None) -> dict[str, Any]:
+        """Change retention (checked by the engine before anything is saved); max_size 0 = no limit."""
+        return dict(self.store.set_retention(policy=policy, max_size=max_size, on_full=on_full))
+
+    def fade(self) -> Any:
+        """Job: apply retention now (inside serve when attached)."""
+        return self.store.fade()
+
     def add_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
-        if not self.remote:
-            self.store.add_listener(fn)
+        """Engine events; an attached console gets them streamed from serve's control socket."""
+        add = getattr(self.store, "add_listener", None)
+        if add is not None:
+            add(fn)
 
     def remove_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
-        if not self.remote:
-            self.store.remove_listener(fn)
+        remove = getattr(self.store, "remove_listener", None)
+        if remove is not None:
+            remove(fn)
+
+
+# -- what a policy will keep ----------------------------------------------------------------------
+
+_STEP_WORDS = {60: "every minute", 3600: "hourly", 86400: "daily", 7 * 86400: "weekly"}
+
+
+def step_words(step_ns: int) -> str:
+    """0 -> 'every write', 1h -> 'hourly', 10m -> 'one per 10m'."""
+    if step_ns == 0:
+        return "every write"
+    s = step_ns // 10**9
+    return _STEP_WORDS.get(s, f"one per {format_duration(step_ns)}") if step_ns % 10**9 == 0 else \
+        f"one per {format_duration(step_ns)}"
+
+
+@dataclass
+class Band:
+    """A stretch of the timeline and how finely the policy keeps it."""
+
+    lo_ns: int
+    hi_ns: int
+    step_ns: int  # 0 = every write
+    label: str
+    points: int = 0
+
+
+@dataclass
+class RetentionPreview:
+    """What a policy keeps of the present history (one-second resolution, from its statistics)."""
+
+    policy: str
+    now_ns: int
+    bands: list[Band]
+    horizon_ns: int  # the horizon now
+    new_horizon_ns: int | None  # where the next fade moves it (None: it stays)
+    fading: int  # writes older than the last tier: they fade into the horizon
+    points_now: int  # points (writes and marks) in the history now
+    kept: int = 0
+    pinned: list[str] = field(default_factory=list)
+
+
+def bands_for(policy: Policy, now_ns: int) -> list[Band]:
+    """The policy's tiers as stretches of time ending now (youngest first)."""
+    out: list[Band] = []
+    hi = now_ns
+    for tier in policy.tiers:
+        lo = now_ns - tier.age
+        out.append(Band(lo, hi, tier.step, step_words(tier.step)))
+        hi = lo
+    return out
+
+
+def preview_retention(policy_text: str, seconds: Sequence[int], writes: Sequence[int], marks: Sequence[Any],
+                      horizon_ns: int, now_ns: int) -> RetentionPreview:
+    """Run retention.plan over the history's points as the console knows them: one point per
+    second with writes (rows of store.stats(), the newest write of that second) plus every mark.
+    Tiers that keep every write count the writes themselves. BadInput for a bad policy."""
+    policy = Policy.parse(policy_text)
+    pts: list[tuple[int, int, bool, str]] = []  # (time, weight, pinned, mark name)
+    h_s = horizon_ns // 10**9
+    for t, w in zip(seconds, writes, strict=False):
+        if w > 0 and t >= h_s:
+            pts.append((max(horizon_ns, int(t) * 10**9), int(w), False, ""))
+    for m in marks:
+        if int(m.time_ns) >= horizon_ns:
+            pts.append((int(m.time_ns), 1, bool(getattr(m, "pinned", False)), str(m.name)))
+    pts.sort(key=lambda p: p[0])
+    times = [p[0] for p in pts]
+    pinned = [i for i, p in enumerate(pts) if p[2]]
+    pl = plan(list(enumerate(times)), now_ns, policy, pinned)
+    bands = bands_for(policy, now_ns)
+    for i, (band, tier) in enumerate(zip(bands, policy.tiers, strict=True)):
+        if tier.step == 0:
+            band.points = sum(p[1] for p in pts if band.lo_ns <= p[0] < band.hi_ns or
+                              (i == 0 and p[0] >= band.hi_ns))
+        else:
+            band.points = pl.per_tier[i]
+    oldest = bands[-1].lo_ns
+    fading = sum(p[1] for p in pts if p[0] < oldest)
+    new_h = times[pl.horizon] if pl.horizon is not None else None
+    return RetentionPreview(
+        policy=str(policy), now_ns=now_ns, bands=bands, horizon_ns=horizon_ns,
+        new_horizon_ns=new_h if new_h is not None and new_h > horizon_ns else None,
+        fading=fading, points_now=sum(p[1] for p in pts), kept=sum(b.points for b in bands),
+        pinned=[p[3] for p in pts if p[2]],
+    )

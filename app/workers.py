@@ -9,6 +9,7 @@ worker reaches it is skipped, and a result that arrives late is dropped by the v
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import threading
 import time
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
-from .link import Link, WatchedStore
+from .link import Link, WatchedStore, preview_retention
 from .preview import PreviewBuilder
 from .stats import ChartData, StatSeries
 
@@ -47,6 +49,29 @@ class Snapshot:
     demo: dict[str, Any] = field(default_factory=dict)
     max_size: int | None = None  # the journal's space limit (retention), None = unlimited
     on_full: str = ""  # what happens at the limit: "fade" (oldest history goes) or "refuse"
+    retention: dict[str, Any] = field(default_factory=dict)  # store.retention(): policy, faded_early...
+    # the journal curve with the sizes measured after fades spliced in (None: use chart.journal)
+    journal_xy: tuple[np.ndarray, np.ndarray] | None = None
+
+
+MAX_JOURNAL_SAMPLES = 1000
+
+
+def splice_journal(x: np.ndarray, jr: np.ndarray, samples: list[tuple[float, int]],
+                   row_t: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The journal curve (x in s, MiB) with sizes measured after fades: the engine records the
+    journal's size with each second of writes, so a fade shows only at the next write; each
+    sample (time, bytes) drops the curve at its time until the next second with writes."""
+    for ts, jb in sorted(samples):
+        k = bisect.bisect_right(row_t, int(ts))
+        t_next = float(row_t[k]) if k < len(row_t) else float("inf")
+        i = int(np.searchsorted(x, ts, "right"))
+        j = max(i, int(np.searchsorted(x, t_next, "left")))
+        old = float(jr[i - 1]) if i > 0 else 0.0
+        new = jb / 2**20
+        x = np.concatenate([x[:i], [ts, ts], x[i:j], x[j:]])
+        jr = np.concatenate([jr[:i], [old, new], np.full(j - i, new), jr[j:]])
+    return x, jr
 
 
 class _Runner(QObject):
@@ -103,6 +128,9 @@ class VolumeWorker(QObject):
     jobDone = Signal(str, object)  # kind, result
     jobFailed = Signal(str, object)  # kind, exception (Cancelled when cancelled)
     engineEvent = Signal(str, object)  # engine listener events, bridged
+    retentionPreview = Signal(int, object)  # generation, RetentionPreview or the exception
+    retentionApplied = Signal(object)  # the store's retention settings after an Apply
+    retentionFailed = Signal(str)  # one line: why the settings were refused
     serveChanged = Signal(str)  # "" stopped, else the URI
     writeFailed = Signal(str, object)  # a write through the console's own NBD server failed
     closed = Signal()
@@ -126,6 +154,10 @@ class VolumeWorker(QObject):
         self._closing = False
         self._listener = self._on_engine_event
         self._last_write_error = -1e9
+        self.retention_gen = 0
+        # journal sizes measured right after fades (time s, bytes): engine threads append
+        self.journal_samples: list[tuple[float, int]] = []
+        self._samples_seen = 0
         # kept so a view made after the store opened (or failed) still learns of it
         self.opened_snapshot: Snapshot | None = None
         self.open_error: BaseException | None = None
@@ -148,6 +180,9 @@ class VolumeWorker(QObject):
         self.lane.post.emit(self._guard(what, fn))
 
     def _on_engine_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "fade" and isinstance(data.get("journal_after"), int):
+            self.journal_samples.append((time.time(), int(data["journal_after"])))
+            del self.journal_samples[:-MAX_JOURNAL_SAMPLES]
         self.engineEvent.emit(kind, dict(data))
 
     @contextlib.contextmanager
@@ -229,9 +264,18 @@ class VolumeWorker(QObject):
             self._stats_last_t = 0
         head, horizon = link.head, link.horizon
         changed = self.series.merge(rows, reset)
+        samples = list(self.journal_samples)
+        if len(samples) != self._samples_seen:
+            self._samples_seen = len(samples)
+            changed = True
         now_s = time.time()
         chart = self.series.chart(until=now_s) if changed else None
+        journal_xy = None
+        if chart is not None and samples:
+            journal_xy = splice_journal(chart.x, chart.journal, samples, self.series.t)
         journal = int(self.series.journal[-1]) if self.series.journal else -1
+        if samples and (not self.series.t or samples[-1][0] >= self.series.t[-1] + 1):
+            journal = samples[-1][1]  # measured after a fade, newer than the last second of writes
         if link.remote:
             journal = int(info.get("journal_bytes", journal))
         retention = link.retention()
@@ -247,7 +291,7 @@ class VolumeWorker(QObject):
             connections=int(getattr(self.server, "connections", 0)) if self.server is not None else 0,
             remote=link.remote, primary=link.primary_path, size=link.size, block_size=link.block_size,
             demo=demo, max_size=int(max_size) if isinstance(max_size, int) and max_size > 0 else None,
-            on_full=str(retention.get("on_full") or ""),
+            on_full=str(retention.get("on_full") or ""), retention=retention, journal_xy=journal_xy,
         )
 
     # -- previews -------------------------------------------------------------------------------
@@ -318,6 +362,45 @@ class VolumeWorker(QObject):
             blocks = self.link.changed_blocks(seq, self.link.head)
             self.confirmInfo.emit(seq, {"blocks": len(blocks), "bytes": len(blocks) * self.link.block_size})
         self._post("rewind-check", run)
+
+    # -- retention ------------------------------------------------------------------------------
+    def preview_retention(self, policy: str) -> int:
+        """Work out what `policy` keeps of the history (answers retentionPreview); returns the
+        request's generation (older answers are stale)."""
+        self.retention_gen += 1
+        gen = self.retention_gen
+
+        def run() -> None:
+            if gen != self.retention_gen or self.link is None:
+                return
+            link = self.link
+            try:
+                horizon = link.horizon
+                p = preview_retention(policy, list(self.series.t), list(self.series.writes), link.marks(),
+                                      link.point_time(horizon), time.time_ns())
+            except Exception as e:  # noqa: BLE001 - a bad policy is answered, not raised
+                self.retentionPreview.emit(gen, e)
+                return
+            self.retentionPreview.emit(gen, p)
+        self._post("retention-preview", run)
+        return gen
+
+    def apply_retention(self, policy: str | None, max_size: int | None, on_full: str | None) -> None:
+        """store.set_retention; a refusal (BadInput) comes back as one line, never a dialog."""
+        def run() -> None:
+            assert self.link is not None
+            try:
+                r = self.link.set_retention(policy=policy, max_size=max_size, on_full=on_full)
+            except Exception as e:  # noqa: BLE001
+                self.retentionFailed.emit(" ".join(str(e).split()) or type(e).__name__)
+                return
+            self.retentionApplied.emit(r)
+            self.snapshot.emit(self._snapshot())
+        self._post("retention", run)
+
+    def fade(self) -> None:
+        """Apply retention now, as a job (progress, cancel)."""
+        self.run_job("fade", lambda link: link.fade())
 
     # -- actions --------------------------------------------------------------------------------
     def mark(self, name: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
@@ -58,6 +59,7 @@ class Charts(QWidget):
         configure_charts()
         c = colors()
         self.chart: ChartData | None = None
+        self.journal_xy: tuple[np.ndarray, np.ndarray] | None = None
         self.glw = pg.GraphicsLayoutWidget()
         self.glw.setMinimumHeight(220)
         self.glw.ci.setContentsMargins(4, 4, 4, 4)
@@ -149,20 +151,24 @@ class Charts(QWidget):
         self.ops_view.linkedViewChanged(self.rate_plot.vb, self.ops_view.XAxis)
 
     # -- data ----------------------------------------------------------------------------------
-    def update_chart(self, chart: ChartData | None, horizon_t: float, head_t: float) -> None:
+    def update_chart(self, chart: ChartData | None, horizon_t: float, head_t: float,
+                     journal_xy: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Show new arrays (None: unchanged since the last call), and move the ranges only in
-        steps: axis labels are re-rendered whenever a range moves, most of a repaint's cost."""
+        steps: axis labels are re-rendered whenever a range moves, most of a repaint's cost.
+        `journal_xy`: the journal curve with the sizes measured after fades (drops) spliced in."""
         now = max(time.time(), head_t)
         if chart is not None:
             self.chart = chart
+            self.journal_xy = journal_xy
+            jx, jy = journal_xy if journal_xy is not None else (chart.x, chart.journal)
             self.rate_curve.setData(chart.x, chart.mb)
             self.ops_curve.setData(chart.x, chart.ops)
-            self.journal_curve.setData(chart.x, chart.journal)
+            self.journal_curve.setData(jx, jy)
             # both y axes start at zero so the two rate curves share a baseline; headroom keeps
             # the ranges (and their labels) still while the values wander
             self._grow_y(self.rate_plot.vb, float(chart.mb.max()) if len(chart.mb) else 0.0, 0.1)
             self._grow_y(self.ops_view, float(chart.ops.max()) if len(chart.ops) else 0.0, 1.0)
-            self._grow_y(self.journal_plot.vb, float(chart.journal.max()) if len(chart.journal) else 0.0, 0.1)
+            self._grow_y(self.journal_plot.vb, float(jy.max()) if len(jy) else 0.0, 0.1)
             unit = "" if chart.bucket_s == 1 else f" (per {chart.bucket_s} s)"
             self.rate_plot.setTitle(f"Writes{unit}", color=colors().muted, size="9pt")
         first = float(self.chart.x[0]) if self.chart is not None and len(self.chart.x) else horizon_t
@@ -242,6 +248,11 @@ class Charts(QWidget):
         if r is None:
             return "no writes yet"
         start, mbs, ops, journal = r
+        if self.journal_xy is not None:
+            jx, jy = self.journal_xy
+            k = int(np.searchsorted(jx, x, "right")) - 1
+            if k >= 0:
+                journal = int(float(jy[k]) * 2**20)
         when = human_time(int(x * 1e9))
         if mbs == 0 and ops == 0:
             return f"{when}   idle   journal {human_bytes(journal)}"

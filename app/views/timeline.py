@@ -1,7 +1,11 @@
 """The timeline: a slider from the horizon to now with the write density drawn under it and the
 marks as ticks you can click. Drag or click anywhere to pick a time; Left/Right (or the wheel)
 step one record, PageUp/PageDown (or Ctrl+Left/Right, Ctrl+wheel) jump mark to mark, Home/End go
-to the horizon/now."""
+to the horizon/now.
+
+With retention bands set, the track is tinted by how finely the policy keeps each stretch (every
+write, hourly, daily...), and the stretch that the next fade removes is hatched up to where the
+horizon will move."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
-from PySide6.QtGui import QColor, QKeyEvent, QMouseEvent, QPainter, QPainterPath, QPaintEvent, QPen
+from PySide6.QtGui import QBrush, QColor, QKeyEvent, QMouseEvent, QPainter, QPainterPath, QPaintEvent, QPen
 from PySide6.QtWidgets import QSizePolicy, QToolTip, QWidget
 
 from ..format import human_time
@@ -49,6 +53,9 @@ class Timeline(QWidget):
         self._density_src: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
         self._bucket_s = 1.0
         self._dragging = False
+        self.bands: list[Any] = []  # link.Band: lo_ns, hi_ns, step_ns, label
+        self.new_horizon_ns: int | None = None
+        self.interactive = True  # False: a picture (the retention page), no handle, no input
 
     def sizeHint(self) -> QSize:
         return QSize(600, TRACK_H + TICK_ZONE + LABEL_H)
@@ -75,6 +82,12 @@ class Timeline(QWidget):
         self._density_src = (t_s, writes)
         self._bucket_s = bucket_s
         self._rebin()
+        self.update()
+
+    def set_retention(self, bands: list[Any], new_horizon_ns: int | None = None) -> None:
+        """Tint the track by retention tier; hatch what fades before `new_horizon_ns`."""
+        self.bands = list(bands)
+        self.new_horizon_ns = new_horizon_ns
         self.update()
 
     def set_point(self, seq: int, t_ns: int, at_now: bool | None = None) -> None:
@@ -141,6 +154,7 @@ class Timeline(QWidget):
         p.fillPath(path, QColor(c.background))
         p.setPen(QPen(self.palette().mid().color(), 1))
         p.drawPath(path)
+        self._paint_retention(p, tr)
         # write density
         if self.density.size:
             bw = tr.width() / self.density.size
@@ -164,13 +178,14 @@ class Timeline(QWidget):
             tri.closeSubpath()
             p.fillPath(tri, mark_color)
         # handle
-        x = self.x_of(self.t_point)
-        accent = QColor(c.cursor)
-        p.setPen(QPen(accent, 2.5))
-        p.drawLine(QPointF(x, tr.top() - 2), QPointF(x, tr.bottom() + 2))
-        p.setBrush(accent)
-        p.setPen(QPen(QColor(c.background), 2))
-        p.drawEllipse(QPointF(x, tr.center().y()), 7, 7)
+        if self.interactive:
+            x = self.x_of(self.t_point)
+            accent = QColor(c.cursor)
+            p.setPen(QPen(accent, 2.5))
+            p.drawLine(QPointF(x, tr.top() - 2), QPointF(x, tr.bottom() + 2))
+            p.setBrush(accent)
+            p.setPen(QPen(QColor(c.background), 2))
+            p.drawEllipse(QPointF(x, tr.center().y()), 7, 7)
         # the ends: the horizon (oldest readable point) and now
         p.setPen(QColor(c.muted))
         font = p.font()
@@ -186,9 +201,50 @@ class Timeline(QWidget):
             p.drawRoundedRect(tr.adjusted(-3, -3, 3, 3), 8, 8)
         p.end()
 
+    def _paint_retention(self, p: QPainter, tr: QRectF) -> None:
+        """Tiers as tinted stretches with their names; the stretch that fades hatched."""
+        if not self.bands and self.new_horizon_ns is None:
+            return
+        c = colors()
+        p.save()
+        clip = QPainterPath()
+        clip.addRoundedRect(tr, 6, 6)
+        p.setClipPath(clip)
+        font = p.font()
+        font.setPointSizeF(max(7.0, font.pointSizeF() * 0.8))
+        p.setFont(font)
+        for i, b in enumerate(self.bands):
+            lo, hi = max(int(b.lo_ns), self.t_min), min(int(b.hi_ns), self.t_max)
+            if hi <= self.t_min or lo >= self.t_max or hi <= lo:
+                continue
+            x0, x1 = self.x_of(lo), self.x_of(hi)
+            color = QColor(c.added if b.step_ns == 0 else c.accent)
+            color.setAlpha(max(18, 70 - 22 * i))
+            p.fillRect(QRectF(x0, tr.top(), x1 - x0, tr.height()), color)
+            if i:
+                p.setPen(QPen(QColor(c.muted), 1, Qt.PenStyle.DotLine))
+                p.drawLine(QPointF(x1, tr.top()), QPointF(x1, tr.bottom()))
+            if x1 - x0 > 50:
+                p.setPen(QColor(c.text))
+                p.drawText(QRectF(x0 + 4, tr.top() + 1, x1 - x0 - 8, 14),
+                           Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, str(b.label))
+        if self.new_horizon_ns is not None and self.new_horizon_ns > self.t_min:
+            xh = self.x_of(self.new_horizon_ns)
+            hatch = QColor(c.deleted)
+            hatch.setAlpha(110)
+            p.fillRect(QRectF(tr.left(), tr.top(), xh - tr.left(), tr.height()),
+                       QBrush(hatch, Qt.BrushStyle.BDiagPattern))
+            p.setPen(QPen(QColor(c.horizon), 2, Qt.PenStyle.DashLine))
+            p.drawLine(QPointF(xh, tr.top()), QPointF(xh, tr.bottom()))
+            if xh - tr.left() > 40:
+                p.setPen(QColor(c.deleted))
+                p.drawText(QRectF(tr.left() + 4, tr.bottom() - 15, xh - tr.left() - 8, 14),
+                           Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter, "fades")
+        p.restore()
+
     # -- mouse ----------------------------------------------------------------------------------
     def mousePressEvent(self, event: QMouseEvent) -> None:
-        if event.button() != Qt.MouseButton.LeftButton:
+        if event.button() != Qt.MouseButton.LeftButton or not self.interactive:
             return
         pos = event.position()
         m = self.mark_near(pos.x(), pos.y())
@@ -199,6 +255,8 @@ class Timeline(QWidget):
         self._drag_to(pos.x())
 
     def mouseMoveEvent(self, event: QMouseEvent) -> None:
+        if not self.interactive:
+            return
         pos = event.position()
         if self._dragging:
             self._drag_to(pos.x())
@@ -237,7 +295,7 @@ class Timeline(QWidget):
     def wheelEvent(self, event: Any) -> None:
         """The wheel steps one record per notch (Ctrl: mark to mark)."""
         notches = event.angleDelta().y() // 120
-        if not notches:
+        if not notches or not self.interactive:
             return
         if event.modifiers() & Qt.KeyboardModifier.ControlModifier:
             self.step_mark(-1 if notches > 0 else 1)
@@ -274,6 +332,9 @@ class Timeline(QWidget):
         self.nowRequested.emit()
 
     def keyPressEvent(self, event: QKeyEvent) -> None:
+        if not self.interactive:
+            super().keyPressEvent(event)
+            return
         key = event.key()
         ctrl = bool(event.modifiers() & (Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier))
         if key in (Qt.Key.Key_Left, Qt.Key.Key_Right):

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSplitter,
     QStackedWidget,
+    QTabWidget,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -33,6 +34,7 @@ from ..preview import Preview
 from ..workers import Snapshot, VolumeWorker
 from .charts import Charts
 from .preview import PreviewPane
+from .retention import RetentionPage
 from .timeline import Timeline
 
 PREVIEW_THROTTLE_MS = 60  # at most ~16 preview requests a second while dragging
@@ -102,6 +104,9 @@ class VolumeView(QWidget):
         self._opened = False
         self._space_warned = False
         self._refresh_failing = False
+        self._faded_seen_ns: int | None = None
+        self._faded_checked = False
+        self._last_write_notice = -1e9
         self._build()
         self._connect()
         # the store may have opened (or failed) before this view existed: catch up
@@ -184,6 +189,13 @@ class VolumeView(QWidget):
         self.split.setStretchFactor(0, 5)
         self.split.setStretchFactor(1, 4)
         self.split.setChildrenCollapsible(False)
+        self.retention_page = RetentionPage(self.worker)
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        self.tabs.addTab(self.split, "History")
+        self.tabs.addTab(self.retention_page, "Retention")
+        self.tabs.setTabToolTip(1, "How long history is kept, the journal's space limit, Fade now")
+        self.tabs.currentChanged.connect(self._on_tab)
 
         # until the store is open (or when it failed): a message instead of empty charts
         self.message = QLabel("Opening...")
@@ -192,7 +204,7 @@ class VolumeView(QWidget):
         self.message.setObjectName("heroSubtitle")
         self.pages = QStackedWidget()
         self.pages.addWidget(self.message)
-        self.pages.addWidget(self.split)
+        self.pages.addWidget(self.tabs)
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(12, 10, 12, 6)
@@ -240,6 +252,7 @@ class VolumeView(QWidget):
         self.serve_button.toggled.connect(self._toggle_serve)
         self.verify_button.clicked.connect(self.verify)
         self.demo_button.clicked.connect(self._toggle_demo)
+        self.retention_page.fadeRequested.connect(self.fade_now)
 
     def _set_enabled(self, on: bool) -> None:
         remote = bool(self.snap and self.snap.remote)
@@ -252,6 +265,8 @@ class VolumeView(QWidget):
         self.serve_button.setEnabled(on and not remote)
         self.verify_button.setEnabled(on and not busy)
         self.demo_button.setEnabled(on and not busy)
+        self.retention_page.fade_button.setEnabled(on and not busy)
+        self.retention_page.apply_button.setEnabled(on)
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -284,7 +299,7 @@ class VolumeView(QWidget):
         self._refresh_failing = False
         first = self.snap is None
         self.snap = snap
-        self.charts.update_chart(snap.chart, snap.horizon_time / 1e9, snap.head_time / 1e9)
+        self.charts.update_chart(snap.chart, snap.horizon_time / 1e9, snap.head_time / 1e9, snap.journal_xy)
         self.charts.set_marks(snap.marks)
         self.timeline.set_range(snap.horizon, snap.head, snap.horizon_time, max(snap.head_time, time.time_ns()))
         self.timeline.set_marks(snap.marks)
@@ -301,6 +316,7 @@ class VolumeView(QWidget):
             self.demo_button.setText("Pause demo" if running else "Resume demo")
         self._set_state(self._state_text())
         self._check_space(snap)
+        self._show_retention(snap)
         self.statusChanged.emit(snap)
         # keep the preview of "now" fresh while writes go on (rate-limited)
         if (self.timeline.at_now and snap.head != self._last_preview_head and not first
@@ -308,6 +324,83 @@ class VolumeView(QWidget):
             self._want(("now", 0))
         if self.preview is not None and not self.timeline.at_now:
             self._update_point_label(self.preview.seq, self.preview.time_ns)
+
+    # -- retention ------------------------------------------------------------------------------------
+    def _on_tab(self, index: int) -> None:
+        if index == 1:
+            self.retention_page.request_preview()
+
+    def show_retention(self) -> None:
+        self.tabs.setCurrentIndex(1)
+
+    def _show_retention(self, snap: Snapshot) -> None:
+        """The retention page's facts, the tiers on the timeline, and history faded early."""
+        self.retention_page.set_snapshot(snap)
+        p = self.retention_page.preview
+        policy = str(snap.retention.get("policy") or "")
+        if policy:
+            from rewind.engine.errors import BadInput
+            from rewind.engine.retention import Policy
+
+            from ..link import bands_for
+            try:
+                bands = bands_for(Policy.parse(policy), time.time_ns())
+            except BadInput:
+                bands = []
+            hz = p.new_horizon_ns if p is not None and p.policy == policy else None
+            self.timeline.set_retention(bands, hz)
+        notes = [n for n in snap.retention.get("faded_early") or [] if isinstance(n, dict)]
+        newer = [n for n in notes if int(n.get("time_ns", 0)) > self._faded_seen()]
+        if newer:
+            self._faded_early(newer, while_closed=not self._faded_checked)
+        self._faded_checked = True
+
+    def _faded_key(self) -> str:
+        import hashlib
+
+        link = self.worker.link
+        where = str(link.dir) if link is not None else self.title
+        return "fadedEarlySeen/" + hashlib.sha1(where.encode()).hexdigest()[:16]
+
+    def _faded_seen(self) -> int:
+        from PySide6.QtCore import QSettings
+
+        if self._faded_seen_ns is None:
+            v = QSettings("rewind", "console").value(self._faded_key(), 0)
+            try:
+                self._faded_seen_ns = int(v)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                self._faded_seen_ns = 0
+        return self._faded_seen_ns
+
+    def _faded_early(self, notes: list[dict[str, Any]], while_closed: bool = False) -> None:
+        """History went early because the journal hit its space limit: say so, once per fade."""
+        from PySide6.QtCore import QSettings
+
+        last = max(int(n.get("time_ns", 0)) for n in notes)
+        if last <= self._faded_seen():
+            return
+        self._faded_seen_ns = last
+        QSettings("rewind", "console").setValue(self._faded_key(), str(last))
+        limit = human_bytes(self.snap.max_size) if self.snap is not None and self.snap.max_size else "its"
+        hz = int(notes[-1].get("horizon", 0))
+        when = "While the console was closed, h" if while_closed else "H"
+        times = f" {len(notes)} times" if len(notes) > 1 else ""
+        text = (f"{when}istory of {self.title} was faded early{times}: the journal reached {limit} space limit, "
+                f"so the oldest kept points went (the horizon is now record {hz:,}).")
+        self.info_bar.show_message(text, "Retention...", self.show_retention)
+        self.notify.emit("History faded early", text + " Raise the limit or shorten retention.", "warning")
+
+    def fade_now(self) -> None:
+        """Run the policy now (store.fade()) as a job: progress, Cancel."""
+        if self.worker.busy or self.snap is None:
+            return
+        self.job_dialog = JobDialog(self, "Fade now", f"Applying {self.title}'s retention now: merging points "
+                                    "the policy no longer keeps and freeing their space...", unit="steps")
+        self.job_dialog.cancelRequested.connect(self.worker.cancel_job)
+        self.job_dialog.open()
+        self.worker.fade()
+        self._after_job_start()
 
     def _check_space(self, snap: Snapshot) -> None:
         """Warn once when the journal passes 90% of its space limit (again after it fell below 80%)."""
@@ -329,7 +422,8 @@ class VolumeView(QWidget):
         if self.error is not None and snap is None:
             return "Failed to open"
         if self.worker.busy:
-            return {"export": "Exporting...", "rewind": "Rewinding...", "verify": "Verifying..."}.get(
+            return {"export": "Exporting...", "rewind": "Rewinding...", "verify": "Verifying...",
+                    "fade": "Fading..."}.get(
                 self.worker.job_kind, "Busy...")
         if snap is None:
             return "Opening..."
@@ -571,6 +665,10 @@ class VolumeView(QWidget):
     def _on_write_failed(self, op: str, e: BaseException) -> None:
         from ..dialogs.errors import explain
 
+        now = time.monotonic()  # the engine's event and our NBD server may both report one failure
+        if now - self._last_write_notice < 10:
+            return
+        self._last_write_notice = now
         what, todo = explain(e, doing=f"a {op}")
         self.notify.emit("A write failed", f"{self.title}: {what} {todo}", "critical")
         self.info_bar.show_message(f"A write to {self.title} failed: {what}")
@@ -617,6 +715,15 @@ class VolumeView(QWidget):
                     "Undo", self.undo_rewind)
             self.notify.emit("Rewind finished", f"{self.title}", "info")
             self.timeline.go_now()
+        elif kind == "fade":
+            r = result if isinstance(result, dict) else {}
+            before, after = int(r.get("journal_before", 0)), int(r.get("journal_after", 0))
+            text = (f"Done: the journal went from {human_bytes(before)} to {human_bytes(after)}; "
+                    f"{int(r.get('points_dropped', 0)):,} points merged away or faded.")
+            if dlg is not None:
+                dlg.done_ok(text)
+            self.info_bar.show_message(f"Fade: {text[6:]}")
+            self.retention_page.request_preview()
         elif kind == "verify":
             problems = list(result or [])
             if problems:
@@ -657,7 +764,15 @@ class VolumeView(QWidget):
             self.notify.emit("Protection problem", f"{self.title}: {data.get('message', kind)}", "critical")
         elif kind == "damage":
             self.notify.emit("Damage found", f"{self.title}: {len(data.get('problems', []))} problems", "critical")
-        elif kind in ("faded-early", "near-full", "journal-full"):
+        elif kind == "write-failed":
+            from rewind.engine.control import error_from_json
+
+            err = error_from_json({"ok": False, "exit_code": 1, "error": str(data.get("kind", "")),
+                                   "message": str(data.get("message", "a write failed"))})
+            self._on_write_failed("write", err)
+        elif kind == "faded-early":
+            self._faded_early([data])
+        elif kind in ("near-full", "journal-full"):
             msg = data.get("message") or data.get("note") or ", ".join(f"{k} {v}" for k, v in data.items())
             self.notify.emit("Journal space", f"{self.title}: the journal reached its limit; "
                              f"the oldest history faded early ({msg})", "warning")
