@@ -99,7 +99,8 @@ class RetentionPage(QWidget):
         self.table.setToolTip("Age: a number and s, m, h, d or w (24h, 7d). Keep: every write, hourly, daily, "
                               "weekly, or one per DURATION (one per 6h).")
         self.table.itemChanged.connect(self._edited)
-        self.table.setMinimumHeight(130)
+        self.table.setMinimumHeight(110)
+        self.table.setMaximumHeight(170)
         self.add_button = QPushButton("Add tier")
         self.add_button.clicked.connect(self.add_tier)
         self.remove_button = QPushButton("Remove tier")
@@ -405,9 +406,6 @@ class RetentionPage(QWidget):
         self._span = (snap.horizon_time, max(now, snap.horizon_time + 1))
         self.timeline.set_range(0, 0, *self._span)
         self.timeline.set_marks(snap.marks)
-        if snap.chart is not None:
-            c = snap.chart
-            self.timeline.set_density(c.t + c.bucket_s / 2, c.writes, c.bucket_s)
         if self.preview is None and snap.retention:
             try:
                 self.timeline.set_retention(bands_for(Policy.parse(str(snap.retention.get("policy"))), now))

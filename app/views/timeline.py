@@ -219,7 +219,8 @@ class Timeline(QWidget):
                 continue
             x0, x1 = self.x_of(lo), self.x_of(hi)
             color = QColor(c.added if b.step_ns == 0 else c.accent)
-            color.setAlpha(max(18, 70 - 22 * i))
+            color.setAlpha(max(30, 110 - 30 * i) if self.density.size == 0 or not self.density.any()
+                           else max(18, 70 - 22 * i))
             p.fillRect(QRectF(x0, tr.top(), x1 - x0, tr.height()), color)
             if i:
                 p.setPen(QPen(QColor(c.muted), 1, Qt.PenStyle.DotLine))
@@ -234,6 +235,11 @@ class Timeline(QWidget):
             hatch.setAlpha(110)
             p.fillRect(QRectF(tr.left(), tr.top(), xh - tr.left(), tr.height()),
                        QBrush(hatch, Qt.BrushStyle.BDiagPattern))
+            if self.bands and int(self.bands[-1].lo_ns) > self.new_horizon_ns:
+                # past the last tier but after a pinned mark: those points merge away, history stays
+                xe = self.x_of(int(self.bands[-1].lo_ns))
+                hatch.setAlpha(50)
+                p.fillRect(QRectF(xh, tr.top(), xe - xh, tr.height()), QBrush(hatch, Qt.BrushStyle.BDiagPattern))
             p.setPen(QPen(QColor(c.horizon), 2, Qt.PenStyle.DashLine))
             p.drawLine(QPointF(xh, tr.top()), QPointF(xh, tr.bottom()))
             if xh - tr.left() > 40:
