@@ -175,6 +175,9 @@ def test_preview_and_fade_now(window: Any, app: Any, tmp_path: Path, small_segme
     assert float(jy[-1]) * 2**20 == pytest.approx(journal_after, rel=0.01)
     assert float(jy.max()) * 2**20 > journal_after * 1.5
     dlg.accept()
+    view.tabs.setCurrentIndex(0)
+    app.processEvents()
+    shot(window, "retention-history-after-fade")  # the journal chart's drop (test-artifacts only)
     # kept points still read exactly (the pinned mark from days ago, a recent one, now)
     for name, (seq, data) in marks.items():
         assert bytes(view.worker.link.at(seq).read(0, NBLK * BS)) == data, name
@@ -198,7 +201,6 @@ def test_faded_early_notice(window: Any, app: Any, tmp_path: Path, small_segment
     view.info_bar.button.click()  # "Retention..." opens the page, which lists it too
     assert view.tabs.currentWidget() is view.retention_page
     wait_until(app, lambda: view.retention_page.faded_label.isVisible(), 10, "the page's note")
-    # a reopened console does not say it again
     n_before = sum(1 for n in window.notifications if n[0] == "History faded early")
 
     # live: more writes past the limit, Fade now -> the engine's faded-early event -> a new notice
