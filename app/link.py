@@ -6,12 +6,15 @@ Everything goes through the engine's public API; the console never touches a sto
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rewind.engine.errors import BadInput, StoreLocked
 from rewind.engine.jobs import Job, Progress
 from rewind.engine.retention import Policy, format_duration, plan
@@ -298,33 +301,49 @@ def preview_retention(policy_text: str, seconds: Sequence[int], writes: Sequence
                       horizon_ns: int, now_ns: int) -> RetentionPreview:
     """Run retention.plan over the history's points as the console knows them: one point per
     second with writes (rows of store.stats(), the newest write of that second) plus every mark.
-    Tiers that keep every write count the writes themselves. BadInput for a bad policy."""
+    Tiers that keep every write count the writes themselves. BadInput for a bad policy.
+
+    Only the newest point of each gcd(steps) stretch can be the one a step tier keeps, so plan()
+    sees one point per such stretch (a week of busy seconds at hourly steps: 168 points)."""
     policy = Policy.parse(policy_text)
-    pts: list[tuple[int, int, bool, str]] = []  # (time, weight, pinned, mark name)
-    h_s = horizon_ns // 10**9
-    for t, w in zip(seconds, writes, strict=False):
-        if w > 0 and t >= h_s:
-            pts.append((max(horizon_ns, int(t) * 10**9), int(w), False, ""))
-    for m in marks:
-        if int(m.time_ns) >= horizon_ns:
-            pts.append((int(m.time_ns), 1, bool(getattr(m, "pinned", False)), str(m.name)))
-    pts.sort(key=lambda p: p[0])
-    times = [p[0] for p in pts]
-    pinned = [i for i, p in enumerate(pts) if p[2]]
-    pl = plan(list(enumerate(times)), now_ns, policy, pinned)
+    t = np.asarray(seconds, dtype=np.int64)
+    w = np.asarray(writes, dtype=np.int64)
+    keep = (w > 0) & (t >= horizon_ns // 10**9)
+    t_ns = np.maximum(t[keep] * 10**9, horizon_ns)
+    w = w[keep]
+    ms = sorted((int(m.time_ns), bool(getattr(m, "pinned", False)), str(m.name)) for m in marks
+                if int(m.time_ns) >= horizon_ns)
+    m_ns = [m[0] for m in ms]
+    steps = [tier.step for tier in policy.tiers if tier.step]
+    g = math.gcd(*steps) if steps else 10**9
+    if len(t_ns):
+        keys = t_ns // g
+        zone = np.searchsorted(sorted(now_ns - tier.age for tier in policy.tiers), t_ns, "right")
+        last = (keys[1:] != keys[:-1]) | (zone[1:] != zone[:-1])  # never across a tier's edge
+        t_plan = t_ns[np.append(last, True)].tolist()
+    else:
+        t_plan = []
+    pts = sorted([(x, False) for x in t_plan] + [(m[0], m[1]) for m in ms])
+    times = [x for x, _ in pts]
+    pl = plan(list(enumerate(times)), now_ns, policy, [i for i, p in enumerate(pts) if p[1]])
+    acc = np.concatenate([[0], np.cumsum(w)])
+
+    def count(lo_ns: float, hi_ns: float) -> int:
+        """Writes and marks with lo_ns <= time < hi_ns."""
+        a, b = np.searchsorted(t_ns, [lo_ns, hi_ns], "left") if len(t_ns) else (0, 0)
+        return int(acc[b] - acc[a]) + bisect.bisect_left(m_ns, hi_ns) - bisect.bisect_left(m_ns, lo_ns)
+
     bands = bands_for(policy, now_ns)
     for i, (band, tier) in enumerate(zip(bands, policy.tiers, strict=True)):
         if tier.step == 0:
-            band.points = sum(p[1] for p in pts if band.lo_ns <= p[0] < band.hi_ns or
-                              (i == 0 and p[0] >= band.hi_ns))
+            band.points = count(band.lo_ns, float("inf") if i == 0 else band.hi_ns)
         else:
             band.points = pl.per_tier[i]
-    oldest = bands[-1].lo_ns
-    fading = sum(p[1] for p in pts if p[0] < oldest)
+    fading = count(float("-inf"), bands[-1].lo_ns)
     new_h = times[pl.horizon] if pl.horizon is not None else None
     return RetentionPreview(
         policy=str(policy), now_ns=now_ns, bands=bands, horizon_ns=horizon_ns,
         new_horizon_ns=new_h if new_h is not None and new_h > horizon_ns else None,
-        fading=fading, points_now=sum(p[1] for p in pts), kept=sum(b.points for b in bands),
-        pinned=[p[3] for p in pts if p[2]],
+        fading=fading, points_now=int(acc[-1]) + len(ms), kept=sum(b.points for b in bands),
+        pinned=[m[2] for m in ms if m[1]],
     )

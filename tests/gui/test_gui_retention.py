@@ -265,3 +265,23 @@ def test_attached_console_hears_write_failed(window: Any, app: Any, tiny_serve: 
     assert note[2] == "critical" and "full" in note[1].lower(), note
     assert view.info_bar.isVisible() and "failed" in view.info_bar.label.text()
     assert proc.poll() is None, "serve keeps running"
+
+
+def test_preview_counts_match_plan_over_every_point() -> None:
+    """The preview's shortcut (one point per gcd(steps) stretch) gives plan()'s own counts."""
+    import random
+
+    from rewind.app.link import preview_retention
+    from rewind.engine.retention import Policy, plan
+
+    now = time.time_ns()
+    rnd = random.Random(3)
+    for pol in ("1h:all,1d:10m,3d:7h", "24h:all,7d:1h,30d:1d", "2h:1m,2d:1h"):
+        for _ in range(5):
+            secs = sorted(rnd.sample(range(now // 10**9 - 40 * DAY, now // 10**9), 3000))
+            h = secs[0] * 10**9
+            p = preview_retention(pol, secs, [1] * len(secs), [], h, now)
+            full = plan([(i, x * 10**9) for i, x in enumerate(secs)], now, Policy.parse(pol))
+            assert [b.points for b in p.bands] == full.per_tier
+            nh = secs[full.horizon] * 10**9 if full.horizon is not None else None
+            assert p.new_horizon_ns == (nh if nh is not None and nh > h else None)
