@@ -285,3 +285,48 @@ def test_preview_counts_match_plan_over_every_point() -> None:
             assert [b.points for b in p.bands] == full.per_tier
             nh = secs[full.horizon] * 10**9 if full.horizon is not None else None
             assert p.new_horizon_ns == (nh if nh is not None and nh > h else None)
+
+
+def test_attached_console_applies_and_fades_through_serve(window: Any, app: Any, tmp_path: Path) -> None:
+    """Retention of a store a separate `rewind serve` holds: Apply and Fade now go over its control
+    socket (set_retention, a remote fade job whose "fade" event comes back on the event stream)."""
+    from rewind.engine.control import RemoteStore
+
+    store_dir, _marks = make_history(tmp_path, days=1, every_s=900)
+    rewind = Path(sys.executable).with_name("rewind")
+    cmd = [str(rewind)] if rewind.exists() else [sys.executable, "-m", "rewind.engine"]
+    proc = subprocess.Popen([*cmd, "serve", str(store_dir), "--nbd", f"unix:{tmp_path / 'nbd.sock'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.startswith("ready"), line
+        view = open_view(window, app, store_dir)
+        assert view.snap.remote
+        page = view.retention_page
+        view.show_retention()
+        wait_until(app, lambda: page.table.rowCount() == 3 and page.preview is not None, 20, "the remote policy")
+        page.set_row(0, age="30m")
+        page.set_row(2, age="12h", keep="one per 3h")
+        page.apply_button.click()
+        with RemoteStore(store_dir) as remote:
+            wait_until(app, lambda: page.error_label.isVisible(), 10, "the inline error")
+            assert page.error_label.isVisible() and "older left to right" in page.error_label.text()
+            assert remote.retention()["policy"] == "1h:all,1d:1h,2d:1d", "serve's policy is untouched"
+            page.set_row(1, age="6h")
+            page.apply_button.click()
+            wait_until(app, lambda: remote.retention()["policy"] == "30m:all,6h:1h,12h:3h", 10, "the policy in serve")
+            horizon = view.snap.horizon
+            page.fade_button.click()
+            dlg = wait_until(app, lambda: view.job_dialog if view.job_dialog and view.job_dialog.finished_state
+                             else None, 60, "the remote fade")
+            assert dlg.finished_state == "done", dlg.detail.text()
+            wait_until(app, lambda: view.snap.horizon > horizon, 10, "the horizon moving in the console")
+            wait_until(app, lambda: view.worker.journal_samples, 10, "the fade event streamed from serve")
+            dlg.accept()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
