@@ -974,6 +974,8 @@ class RemoteStore:
         while not self._ev_stop.is_set():
             try:
                 stream = EventStream(self.dir)
+            except BadInput:
+                return  # a serve without events (older), or too many subscribers: stay quiet
             except (RewindError, OSError):
                 self._ev_stop.wait(delay)
                 delay = min(5.0, delay * 2)
