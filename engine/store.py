@@ -36,7 +36,7 @@ from .journal.record import (
     encode_header,
     pack_table,
 )
-from .journal.segments import ZERO_LOC, Journal, TornTail, make_loc, segment_name
+from .journal.segments import Journal, TornTail, make_loc, segment_name, zero_loc
 from .maps import MapDB, MapInfo, Mark, Version
 from .points import check_mark_name, format_ns, parse_point
 from .primary import Primary
@@ -311,7 +311,8 @@ class Store:
                         self._primary.pwrite(h.block * bs, data)
                         redo += 1
                 elif h.kind == Kind.ZERO:
-                    gen.versions.extend(zip(range(h.block, h.block + h.count), repeat(h.seq), repeat(ZERO_LOC), repeat(0)))
+                    zl = zero_loc(rec.segno, rec.offset)
+                    gen.versions.extend(zip(range(h.block, h.block + h.count), repeat(h.seq), repeat(zl), repeat(0)))
                     if not rebuild:
                         self._primary.zero(h.block * bs, h.count * bs)
                         redo += 1
@@ -615,7 +616,8 @@ class Store:
         versions = gen.versions
         for kind, seq, t, b0, count, rel, crcs, aux in batch.recs:
             if kind == Kind.ZERO:
-                versions.extend(zip(range(b0, b0 + count), repeat(seq), repeat(ZERO_LOC), repeat(0)))
+                zl = zero_loc(segno, start + rel)
+                versions.extend(zip(range(b0, b0 + count), repeat(seq), repeat(zl), repeat(0)))
             elif kind == Kind.MARK:
                 pass
             elif count == 1:

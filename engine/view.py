@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from .errors import PointError, ReadOnlyError
 from .journal.record import crc32c, zero_crc
-from .journal.segments import ZERO_LOC
 from .maps import Version
 
 if TYPE_CHECKING:
@@ -93,6 +92,7 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
             return store._primary.pread(off, n)
         if seq < int(store.meta["horizon_seq"]):
             raise PointError(f"seq:{seq} is older than the horizon")
+        store._addressable(seq, f"seq:{seq}")  # a view held across a fade must not read merged data
         bs = store.block_size
         a, e = off // bs, -(-(off + n) // bs)
         out = bytearray((e - a) * bs)
@@ -129,7 +129,7 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
                 continue
             flush_prim()
             _, loc, crc = v
-            if loc == ZERO_LOC:
+            if loc < 0:  # a ZERO record
                 flush_journal()
                 continue
             if jrun and jrun[1] == b and jrun[2] + (b - jrun[0]) * bs == loc:
@@ -197,6 +197,6 @@ def block_identity(store: Store, block: int, seq: int) -> tuple[int, int]:
         if store._state[block] == TOUCHED:
             return (0, zero_crc(store.block_size))
         return (1, block)  # still the horizon contents in the primary
-    if v[1] == ZERO_LOC:
+    if v[1] < 0:
         return (0, zero_crc(store.block_size))
     return (0, v[2])

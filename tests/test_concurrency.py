@@ -311,8 +311,6 @@ def test_kill9_while_writing_flushing_marking_fading(tmp_path: Path, round_seed:
     kill9_rounds(tmp_path, round_seed, "inline")
 
 
-@pytest.mark.xfail(strict=True, reason="fade's _reclaim compacts segments holding records appended after its "
-                   "index sync (engine/jobs/fade.py _reclaim); kept points then read CorruptionError")
 def test_kill9_while_writing_with_a_fading_thread(tmp_path: Path) -> None:
     """What `rewind serve` does: retention in its own thread while writes go on; kill -9."""
     kill9_rounds(tmp_path, 44, "thread")

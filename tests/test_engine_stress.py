@@ -45,8 +45,6 @@ def check_points(s: Store, m: Model, size: int) -> int:
 
 # --- fade interleaved with writes ----------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="fade's _release deletes a version picked before a concurrent "
-                   "write was indexed (engine/jobs/fade.py _release): the horizon then reads the new data")
 def test_release_does_not_lose_horizon_contents_of_a_block_written_meanwhile(
         tmp_path: Path, every_event: None) -> None:
     """A block rewritten while the fade releases blocks keeps its horizon contents.
@@ -79,8 +77,6 @@ def test_release_does_not_lose_horizon_contents_of_a_block_written_meanwhile(
         s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="fade's _reclaim compacts/deletes segments holding records that are "
-                   "appended but not yet indexed (engine/jobs/fade.py _reclaim: `active` taken too late)")
 def test_reclaim_keeps_records_written_during_the_fade(tmp_path: Path, every_event: None,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes that fill the active segment while a fade runs survive its reclaim step.
@@ -134,8 +130,6 @@ def test_reclaim_keeps_records_written_during_the_fade(tmp_path: Path, every_eve
         s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a View resolved before a fade reads merged-away data silently "
-                   "(engine/view.py read_at checks only the horizon, not that the point is still kept)")
 def test_held_view_of_a_point_merged_away_is_refused_not_wrong(tmp_path: Path) -> None:
     """An export, NBD or FUSE view of a point keeps its Volume; a fade may merge the point away.
 
@@ -196,9 +190,6 @@ def _history_with_zeros(tmp: Path, seed: int) -> tuple[Store, Model, Clock, list
     return s, m, clock, retained(s)
 
 
-@pytest.mark.xfail(strict=True, reason="compaction drops live ZERO records (engine/jobs/fade.py "
-                   "compact_segment copies only versions with loc>=0; _reclaim counts only those as live), "
-                   "so rebuilding maps.db from the journal resurrects older data where zeros were")
 def test_rebuild_after_compaction_keeps_zeroed_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Delete maps.db after a fade with compaction: a pinned mark taken after a zero still reads zeros.
 
@@ -374,8 +365,6 @@ def test_live_reads_right_after_big_writes(big_store: tuple[Store, Clock]) -> No
 
 # --- verify while the volume is being written -----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="verify scans the journal first and reads the index afterwards "
-                   "(engine/jobs/verify.py verify_store): rows indexed in between are reported as damage")
 def test_verify_while_writing_reports_no_false_damage(store: Store, every_event: None) -> None:
     """`rewind verify` through a serving store's control socket runs while clients write.
 

@@ -35,7 +35,7 @@ def explain(e: BaseException, doing: str = "") -> tuple[str, str]:
                 "Rewind never serves damaged data. Run Verify to see what is affected; points that still "
                 "read can be exported. If the store cannot be opened, protect the image again into a new "
                 "folder (the image itself is unharmed).")
-    if isinstance(e, NoSpace) and "space limit" not in msg:
+    if isinstance(e, NoSpace) and msg.lower().startswith("no space left"):
         return (f"The disk is full: {msg}",
                 "Free some space on that disk (or pick another place), then try again. "
                 "Nothing half-written was left behind.")

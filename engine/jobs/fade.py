@@ -30,7 +30,7 @@ from ..journal.record import (
     encode_header,
     pack_table,
 )
-from ..journal.segments import LOC_SHIFT, ZERO_LOC, make_loc, split_loc
+from ..journal.segments import LOC_SHIFT, make_loc, record_of_zero, split_loc, zero_loc
 from ..maps import MapDB
 from ..retention import Plan, plan, removable_versions
 from ..view import UNTOUCHED
@@ -47,6 +47,8 @@ def fade_body(store: Store, check: Callable[[], None], throttle: float = 0.0,
               early: bool = False) -> Generator[Progress, None, dict[str, Any]]:
     """The fade job. `early`: the space limit is reached, move the horizon past kept points too."""
     store._index_sync()
+    with store._lock:
+        first_open = store.journal.segno  # segments before it are complete and indexed
     t0 = time.monotonic()
     db = MapDB(store.dir / "maps.db")
     try:
@@ -63,7 +65,7 @@ def fade_body(store: Store, check: Callable[[], None], throttle: float = 0.0,
         yield Progress("merge", 0, 1)
         removed = yield from _remove_versions(store, db, check, throttle)
         released = yield from _release(store, db, check, throttle)
-        deleted, compacted = yield from _reclaim(store, db, check)
+        deleted, compacted = yield from _reclaim(store, db, check, first_open)
         summary.update(
             horizon=store.horizon,
             points_dropped=len(p.drop),
@@ -168,10 +170,20 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
         check()
         chunk = cand[i : i + CHUNK]
         with store._lock:
+            # look again under the lock: a block written since the listing (its row pending or
+            # already committed) keeps its horizon version
+            qs = ",".join("?" * len(chunk))
+            now = {
+                int(b): (int(c), int(mx))
+                for b, c, mx in db.db.execute(
+                    f"SELECT block, count(*), max(seq) FROM versions WHERE block IN ({qs}) GROUP BY block",
+                    [b for b, _ in chunk],
+                )
+            }
             ok = [
                 (b, s)
                 for b, s in chunk
-                if all(g.lookup(b, 1 << 62) is None for g in (store._gen, *store._frozen))
+                if now.get(b) == (1, s) and all(g.lookup(b, 1 << 62) is None for g in (store._gen, *store._frozen))
             ]
             with db.db:
                 db.db.executemany("DELETE FROM versions WHERE block=? AND seq=?", ok)
@@ -184,24 +196,27 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
     return released
 
 
-def _reclaim(store: Store, db: MapDB, check: Callable[[], None]) -> Generator[Progress, None, tuple[int, int]]:
+def _reclaim(store: Store, db: MapDB, check: Callable[[], None],
+             first_open: int) -> Generator[Progress, None, tuple[int, int]]:
+    """Delete dead segments and compact mostly dead ones, among those older than `first_open`
+    (the segment being appended to when the fade began: everything before it was indexed then,
+    and nothing new can point into it)."""
     j = store.journal
     bs = store.block_size
     store._applier.wait(store.head)  # no queued primary write may read from a segment we remove
     with store._lock:
-        segs = j.segment_numbers()
-        active = j.segno
-    live: dict[int, int] = {
-        int(s): int(c)
-        for s, c in db.db.execute(f"SELECT loc >> {LOC_SHIFT}, count(*) FROM versions WHERE loc >= 0 GROUP BY 1")
-    }
+        segs = [s for s in j.segment_numbers() if s < first_open]
+    live: dict[int, int] = {}
+    for seg, c in db.db.execute(
+        f"SELECT CASE WHEN loc >= 0 THEN loc >> {LOC_SHIFT} ELSE (-1 - loc) >> {LOC_SHIFT} END, count(*)"
+        " FROM versions GROUP BY 1"
+    ):
+        live[int(seg)] = int(c)
     mark_seqs = {m.seq for m in db.marks()}
     deleted = compacted = 0
     for k, segno in enumerate(segs):
         check()
         yield Progress("reclaim", k, len(segs))
-        if segno == active:
-            continue
         size = j.seg_path(segno).stat().st_size
         live_bytes = live.get(segno, 0) * (bs + 4 + HEADER_SIZE // 8)
         has_marks = live_bytes == 0 and _segment_marks(store, segno, mark_seqs)
@@ -227,29 +242,52 @@ def _segment_marks(store: Store, segno: int, mark_seqs: set[int]) -> bool:
     )
 
 
+def _runs(rows: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+    """Split (block, seq, loc, crc) rows, sorted by block, into runs of consecutive blocks."""
+    out: list[list[tuple[int, int, int, int]]] = []
+    for row in rows:
+        if out and row[0] == out[-1][-1][0] + 1:
+            out[-1].append(row)
+        else:
+            out.append([row])
+    return out
+
+
 def compact_segment(store: Store, db: MapDB, segno: int, mark_seqs: set[int]) -> None:
-    """Copy the live records of one segment into a new file, repoint the index, swap the files."""
+    """Copy the live records of one segment into a new file, repoint the index, swap the files.
+
+    Live: WRITE/BASELINE blocks some version still points at, ZERO records some version still
+    points at (their blocks read as zeros), and MARK records of existing marks. Records keep their
+    seq and time; a record with dead blocks in the middle is split into pieces.
+    """
     j = store.journal
     bs = store.block_size
     lo, hi = segno << LOC_SHIFT, (segno + 1) << LOC_SHIFT
-    rows = sorted(
-        (int(loc), int(b), int(s), int(c))
+    rows = [
+        (int(b), int(s), int(loc), int(c))
         for b, s, loc, c in db.db.execute(
-            "SELECT block, seq, loc, crc FROM versions WHERE loc>=? AND loc<?", (lo, hi)
+            "SELECT block, seq, loc, crc FROM versions WHERE (loc>=? AND loc<?) OR (loc<=? AND loc>?)",
+            (lo, hi, -1 - lo, -1 - hi),
         )
-    )
+    ]
     recs = [r for r in j.scan(segno, 0, check_data=False) if r.segno == segno]
     starts = [r.data_off for r in recs]
+    heads = {r.offset: k for k, r in enumerate(recs)}
+    by_rec: dict[int, list[tuple[int, int, int, int]]] = {}
+    for row in rows:
+        if row[2] < 0:
+            k = heads.get(record_of_zero(row[2])[1], -1)
+        else:
+            k = bisect.bisect_right(starts, split_loc(row[2])[1]) - 1
+        if k < 0:
+            raise CorruptionError(f"{j.seg_path(segno)}: an index entry points between records; run verify",
+                                  str(j.seg_path(segno)))
+        by_rec.setdefault(k, []).append(row)
     new_path = j.seg_path(segno).with_name(j.seg_path(segno).name + ".new")
     moves: list[tuple[int, int, int]] = []  # (new loc, block, seq)
     with open(new_path, "wb") as out, open(j.seg_path(segno), "rb") as src:
         out.write(SEGMENT_HEADER.pack(SEGMENT_MAGIC, segno))
         pos = SEGMENT_HEADER_SIZE
-        # group live rows by their record, then by runs of consecutive blocks
-        by_rec: dict[int, list[tuple[int, int, int, int]]] = {}
-        for row in rows:
-            k = bisect.bisect_right(starts, split_loc(row[0])[1]) - 1
-            by_rec.setdefault(k, []).append(row)
         for k, rec in enumerate(recs):
             h = rec.hdr
             if h.kind == Kind.MARK and h.seq in mark_seqs:
@@ -258,34 +296,29 @@ def compact_segment(store: Store, db: MapDB, segno: int, mark_seqs: set[int]) ->
                 out.write(raw)
                 pos += len(raw)
                 continue
-            if k not in by_rec:
-                continue
-            live = sorted(by_rec[k], key=lambda r: r[1])
-            run: list[tuple[int, int, int, int]] = []
-            for row in live + [(-1, -2, 0, 0)]:
-                if run and row[1] == run[-1][1] + 1:
-                    run.append(row)
+            for run in _runs(sorted(by_rec.get(k, []))):
+                if h.kind == Kind.ZERO:
+                    hdr = encode_header(h.kind, h.seq, h.time_ns, run[0][0], len(run), 0, h.aux, b"")
+                    moves.extend((zero_loc(segno, pos), b, sq) for b, sq, _l, _c in run)
+                    out.write(hdr)
+                    pos += len(hdr)
                     continue
-                if run:
-                    datas = []
-                    for loc, _b, _s, c in run:
-                        src.seek(split_loc(loc)[1])
-                        d = src.read(bs)
-                        if crc32c(d) != c:
-                            raise CorruptionError(
-                                f"{j.seg_path(segno)} offset {split_loc(loc)[1]}: checksum mismatch while compacting",
-                                str(j.seg_path(segno)), split_loc(loc)[1])
-                        datas.append(d)
-                    crcs = [r[3] for r in run]
-                    table = pack_table(crcs)
-                    data = b"".join(datas)
-                    hdr = encode_header(h.kind, h.seq, h.time_ns, run[0][1], len(run),
-                                        len(table) + len(data), h.aux, table)
-                    dstart = pos + HEADER_SIZE + len(table)
-                    out.write(hdr + table + data)
-                    pos += len(hdr) + len(table) + len(data)
-                    moves.extend((make_loc(segno, dstart + i * bs), r[1], r[2]) for i, r in enumerate(run))
-                run = [row] if row[0] != -1 else []
+                datas = []
+                for _b, _s, loc, c in run:
+                    off = split_loc(loc)[1]
+                    src.seek(off)
+                    d = src.read(bs)
+                    if crc32c(d) != c:
+                        raise CorruptionError(f"{j.seg_path(segno)} offset {off}: checksum mismatch while compacting",
+                                              str(j.seg_path(segno)), off)
+                    datas.append(d)
+                table = pack_table([r[3] for r in run])
+                data = b"".join(datas)
+                hdr = encode_header(h.kind, h.seq, h.time_ns, run[0][0], len(run), len(table) + len(data), h.aux, table)
+                dstart = pos + HEADER_SIZE + len(table)
+                out.write(hdr + table + data)
+                pos += len(hdr) + len(table) + len(data)
+                moves.extend((make_loc(segno, dstart + i * bs), r[0], r[1]) for i, r in enumerate(run))
         out.flush()
         os.fsync(out.fileno())
     with store._lock:
@@ -327,4 +360,4 @@ def _fsync_dir(path: Any) -> None:
         os.close(fd)
 
 
-__all__ = ["fade_body", "compact_segment", "finish_compaction", "ZERO_LOC"]
+__all__ = ["fade_body", "compact_segment", "finish_compaction"]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptionError
 from ..journal.record import Kind
-from ..journal.segments import ZERO_LOC, TornTail, segment_name, split_loc
+from ..journal.segments import TornTail, record_of_zero, segment_name, split_loc
 from . import Progress
 
 if TYPE_CHECKING:
@@ -22,20 +22,25 @@ def verify_store(store: Store, check: Callable[[], None]) -> Generator[Progress,
     j = store.journal
     bs = store.block_size
     total = max(1, j.size_bytes())
-    # per segment: sorted data-start offsets and (count, crcs) of WRITE/BASELINE records
+    # per segment: sorted data-start offsets and crc tables of WRITE/BASELINE records, and the
+    # header offsets of ZERO records; only what existed when verify began is judged
     extents: dict[int, tuple[list[int], list[tuple[int, ...]]]] = {}
+    zeros: dict[int, set[int]] = {}
     done = 0
     last_seq = 0
     with store._lock:
         segs = j.segment_numbers()
+        end = (j.segno, j.end)
+        rows = list(store._db.all_versions())
     for segno in segs:
         starts: list[int] = []
         tables: list[tuple[int, ...]] = []
         extents[segno] = (starts, tables)
+        zeros[segno] = set()
         try:
-            with store._lock:
-                it = list(_scan_one(store, segno))
-            for rec in it:
+            for rec in j.scan(segno, 0, strict=False, end=end):
+                if rec.segno != segno:
+                    break
                 check()
                 if rec.hdr.seq < last_seq:  # compaction splits a record into pieces of one seq
                     problems.append(
@@ -50,12 +55,12 @@ def verify_store(store: Store, check: Callable[[], None]) -> Generator[Progress,
                 if rec.hdr.kind in (Kind.WRITE, Kind.BASELINE):
                     starts.append(rec.data_off)
                     tables.append(rec.crcs)
+                elif rec.hdr.kind == Kind.ZERO:
+                    zeros[segno].add(rec.offset)
                 done += rec.hdr.total
                 yield Progress("journal", min(done, total), total)
         except (CorruptionError, TornTail) as e:
             problems.append(str(e) if isinstance(e, CorruptionError) else f"{j.seg_path(segno)}: {e}")
-    with store._lock:
-        rows = list(store._db.all_versions())
     n = max(1, len(rows))
     for i, (block, seq, loc, crc) in enumerate(rows):
         if i % 4096 == 0:
@@ -64,13 +69,17 @@ def verify_store(store: Store, check: Callable[[], None]) -> Generator[Progress,
         if not 0 <= block < store.nblocks:
             problems.append(f"maps.db: version of block {block} (seq {seq}) is outside the volume")
             continue
-        if loc == ZERO_LOC:
-            continue
-        segno, off = split_loc(loc)
+        segno, off = record_of_zero(loc) if loc < 0 else split_loc(loc)
+        if (segno, off) >= end:
+            continue  # written after verify began
         ext = extents.get(segno)
-        where = f"{j.seg_path(segno) if ext else segment_name(segno)} offset {off}"
         if ext is None:
             problems.append(f"maps.db: block {block} seq {seq} points into missing segment {segment_name(segno)}")
+            continue
+        where = f"{j.seg_path(segno)} offset {off}"
+        if loc < 0:
+            if off not in zeros[segno]:
+                problems.append(f"maps.db: block {block} seq {seq} points to {where}, which is not a ZERO record")
             continue
         starts, tables = ext
         k = bisect.bisect_right(starts, off) - 1
@@ -81,14 +90,3 @@ def verify_store(store: Store, check: Callable[[], None]) -> Generator[Progress,
             problems.append(f"maps.db: block {block} seq {seq}: checksum differs from the journal at {where}")
     yield Progress("maps", n, n)
     return problems
-
-
-def _scan_one(store: Store, segno: int):  # type: ignore[no-untyped-def]
-    """Records of one segment; corruption and torn tails surface as exceptions."""
-    for rec in store.journal.scan(segno, 0, strict=False):
-        if rec.segno != segno:
-            return
-        yield rec
-
-
-__all__ = ["verify_store"]

@@ -29,7 +29,7 @@ from .record import (
 
 LOC_SHIFT = 36
 LOC_MASK = (1 << LOC_SHIFT) - 1
-ZERO_LOC = -1  # index value: the block reads as zeros
+ZERO_LOC = -1  # the first zero location; any negative loc means "reads as zeros"
 IOV_MAX = 1024
 
 
@@ -39,6 +39,17 @@ def make_loc(segno: int, off: int) -> int:
 
 def split_loc(loc: int) -> tuple[int, int]:
     return loc >> LOC_SHIFT, loc & LOC_MASK
+
+
+def zero_loc(segno: int, header_off: int) -> int:
+    """Where a ZERO record lies, as a negative loc: the block reads as zeros, and retention still
+    knows which segment holds the record, so it is kept (and survives a rebuild) while needed."""
+    return -1 - make_loc(segno, header_off)
+
+
+def record_of_zero(loc: int) -> tuple[int, int]:
+    """(segno, header offset) of the ZERO record behind a negative loc."""
+    return split_loc(-1 - loc)
 
 
 def segment_name(segno: int) -> str:
@@ -249,7 +260,12 @@ class Journal:
 
     # scan --------------------------------------------------------------------------------
     def scan(
-        self, segno: int = 0, offset: int = 0, check_data: bool = True, strict: bool = True
+        self,
+        segno: int = 0,
+        offset: int = 0,
+        check_data: bool = True,
+        strict: bool = True,
+        end: tuple[int, int] | None = None,
     ) -> Iterator[Scanned]:
         """Yield every record from (segno, offset) on, in order.
 
@@ -260,8 +276,12 @@ class Journal:
         for s in self.segment_numbers():
             if s < segno:
                 continue
+            if end is not None and s > end[0]:
+                return  # appended after the caller looked: not its business
             path = self.seg_path(s)
             size = os.path.getsize(path)
+            if end is not None and s == end[0]:
+                size = min(size, end[1])
             with open(path, "rb", buffering=0) as f:
                 head = f.read(SEGMENT_HEADER_SIZE)
                 if len(head) < SEGMENT_HEADER_SIZE or SEGMENT_HEADER.unpack(head) != (SEGMENT_MAGIC, s):
@@ -346,4 +366,4 @@ def first_loc() -> tuple[int, int]:
     return 1, SEGMENT_HEADER_SIZE
 
 
-__all__ = ["Journal", "Scanned", "TornTail", "make_loc", "split_loc", "ZERO_LOC"]
+__all__ = ["Journal", "Scanned", "TornTail", "make_loc", "split_loc", "zero_loc", "record_of_zero", "ZERO_LOC"]
