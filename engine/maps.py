@@ -243,6 +243,14 @@ class MapDB:
             )
         ]
 
+    def record_journal_size(self, t: int, journal_bytes: int) -> None:
+        """A stats row for a second without writes (after a fade), so charts show the drop."""
+        with self.db:
+            self.db.execute(
+                "INSERT INTO stats VALUES(?,0,0,?) ON CONFLICT(t) DO UPDATE SET journal_bytes=excluded.journal_bytes",
+                (t, journal_bytes),
+            )
+
     def count(self, table: str) -> int:
         assert table in ("versions", "records", "maps", "marks", "stats")
         return int(self.one(f"SELECT count(*) FROM {table}") or 0)

@@ -800,6 +800,18 @@ class Store:
         self._emit("mark", {"name": name, "seq": seq, "time_ns": t})
         return m
 
+    def points(self, since_seq: int | None = None) -> list[tuple[int, int]]:
+        """Addressable points (seq, time ns) in order: the horizon, then every kept record
+        (or those after `since_seq`)."""
+        self._index_sync()
+        with self._lock:
+            out: list[tuple[int, int]] = []
+            if since_seq is None:
+                out.append((self.horizon, int(self.meta["horizon_ns"])))
+                since_seq = self.horizon
+            out += self._db.points(since_seq)
+            return out
+
     def pin(self, name: str, pinned: bool = True) -> Mark:
         """Pin a mark (kept whatever retention says) or unpin it."""
         m = self._find_mark(name)

@@ -66,6 +66,7 @@ def fade_body(store: Store, check: Callable[[], None], throttle: float = 0.0,
         removed = yield from _remove_versions(store, db, check, throttle)
         released = yield from _release(store, db, check, throttle)
         deleted, compacted = yield from _reclaim(store, db, check, first_open)
+        db.record_journal_size(store.clock() // 10**9, store.journal.total_bytes)
         summary.update(
             horizon=store.horizon,
             points_dropped=len(p.drop),
