@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from refmodel import Model
-
 from rewind.engine.errors import NoSpace
 from rewind.engine.store import Store
 

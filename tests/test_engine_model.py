@@ -8,9 +8,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from refmodel import Clock, Model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from refmodel import Clock, Model
 from rewind.engine.errors import BadInput, Cancelled, PointError, ReadOnlyError
 from rewind.engine.store import Store
 

@@ -383,3 +383,39 @@ def test_verify_while_writing_reports_no_false_damage(store: Store, every_event:
     assert wrote
     assert job.result == []
     assert store.verify().run() == []
+
+
+def test_verify_while_fading_reports_no_false_damage(tmp_path: Path, every_event: None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verify and a fade at once (serve's retention thread, a user's `rewind verify`).
+
+    verify takes the index rows first, then scans the segments one by one without the lock; a
+    fade that deletes or compacts a segment in between moves or removes what those rows point
+    at, and must not make verify report damage that is not there.
+    """
+    monkeypatch.setattr(Journal, "SEGMENT_LIMIT", 4 << 10)
+    bs = 512
+    clock = Clock()
+    s = Store.create(tmp_path / "d.img", tmp_path / "st", size=bs * 16, block_size=bs, clock=clock)
+    try:
+        s.set_retention(policy="1h:all")
+        for i in range(60):  # many segments; most of their contents merge away
+            s.live.write((i % 3) * bs, bytes([i]) * bs)
+            if i % 7 == 0:
+                s.live.zero(8 * bs, 2 * bs)
+                s.live.write(8 * bs + 100, bytes([i]) * 900)
+            clock.advance(60)
+        clock.advance(2 * 86400)
+        s.live.write(15 * bs, b"new" * 100)
+        want = s.live.read(0, s.size)
+        faded: dict[str, int] = {}
+        job = s.verify()
+        for ev in job:
+            if ev.phase == "journal" and not faded:
+                faded = s.fade().run()
+        assert faded["segments_deleted"] + faded["segments_compacted"] > 0
+        assert job.result == [], job.result[:3]
+        assert s.verify().run() == []
+        assert s.at(s.horizon).read(0, s.size) == want
+    finally:
+        s.close()

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from refmodel import Clock, Model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from refmodel import Clock, Model
 from rewind.engine.errors import BadInput, NoSpace, PointError
 from rewind.engine.journal.segments import Journal
 from rewind.engine.retention import Policy, plan, removable_versions
