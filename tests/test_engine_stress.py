@@ -385,28 +385,33 @@ def test_verify_while_writing_reports_no_false_damage(store: Store, every_event:
     assert store.verify().run() == []
 
 
+@pytest.mark.xfail(strict=True, reason="verify reads the index rows, then scans segments without the lock "
+                   "(engine/jobs/verify.py): a fade deleting a segment meanwhile makes the scan raise "
+                   "FileNotFoundError; one compacting it makes verify report moved rows as damage")
+@pytest.mark.parametrize("policy", ["1h:all", "1h:all,7d:1h"], ids=["segments-deleted", "segments-compacted"])
 def test_verify_while_fading_reports_no_false_damage(tmp_path: Path, every_event: None,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
     """A verify and a fade at once (serve's retention thread, a user's `rewind verify`).
 
     verify takes the index rows first, then scans the segments one by one without the lock; a
-    fade that deletes or compacts a segment in between moves or removes what those rows point
-    at, and must not make verify report damage that is not there.
+    fade that deletes or compacts a segment in between removes or moves what those rows point
+    at, and must not make verify fail or report damage that is not there.
     """
     monkeypatch.setattr(Journal, "SEGMENT_LIMIT", 4 << 10)
     bs = 512
     clock = Clock()
-    s = Store.create(tmp_path / "d.img", tmp_path / "st", size=bs * 16, block_size=bs, clock=clock)
+    s = Store.create(tmp_path / "d.img", tmp_path / "st", size=bs * 128, block_size=bs, clock=clock)
     try:
-        s.set_retention(policy="1h:all")
-        for i in range(60):  # many segments; most of their contents merge away
+        s.set_retention(policy=policy)
+        for i in range(60):  # many segments; much of their contents merges away
             s.live.write((i % 3) * bs, bytes([i]) * bs)
+            if i % 2 == 0:
+                s.live.write((10 + i // 2) * bs, b"L" * bs)  # lasting blocks: some segments stay
             if i % 7 == 0:
                 s.live.zero(8 * bs, 2 * bs)
-                s.live.write(8 * bs + 100, bytes([i]) * 900)
             clock.advance(60)
         clock.advance(2 * 86400)
-        s.live.write(15 * bs, b"new" * 100)
+        s.live.write(127 * bs, b"new" * 100)
         want = s.live.read(0, s.size)
         faded: dict[str, int] = {}
         job = s.verify()
@@ -416,6 +421,6 @@ def test_verify_while_fading_reports_no_false_damage(tmp_path: Path, every_event
         assert faded["segments_deleted"] + faded["segments_compacted"] > 0
         assert job.result == [], job.result[:3]
         assert s.verify().run() == []
-        assert s.at(s.horizon).read(0, s.size) == want
+        assert s.live.read(0, s.size) == want
     finally:
         s.close()
