@@ -95,6 +95,8 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
         store._addressable(seq, f"seq:{seq}")  # a view held across a fade must not read merged data
         bs = store.block_size
         a, e = off // bs, -(-(off + n) // bs)
+        if e - a == 1:  # the common small read: no run bookkeeping
+            return _read_one_block(store, a, seq)[off - a * bs : off - a * bs + n]
         out = bytearray((e - a) * bs)
         prim_run: list[int] = []  # [start, end) block run read from the primary
         jrun: list[int] = []  # [start block, end block, first loc] contiguous in the journal
@@ -143,6 +145,16 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
         flush_journal()
         lo = off - a * bs
         return bytes(out[lo : lo + n])
+
+def _read_one_block(store: Store, b: int, seq: int) -> bytes:
+    v = version_at(store, b, seq)
+    bs = store.block_size
+    if v is None:
+        return bytes(bs) if store._state[b] == TOUCHED else store._primary.pread(b * bs, bs)
+    if v[1] < 0:
+        return bytes(bs)
+    return store.journal.read_block(v[1], v[2])
+
 
 def _range_lookup(store: Store, a: int, e: int, seq: int) -> Callable[[int], Version | None]:
     """Versions for a whole range: pending generations per block, the database in one query."""
