@@ -338,6 +338,7 @@ class Store:
         if not gen.empty():
             self._commit(gen)
         self._gen = _Gen()
+        self._indexed_seq = self._head
         if torn:
             self._undo_torn(torn)
         if rebuild:
@@ -451,11 +452,15 @@ class Store:
             self._commit(gen)
             with self._lock:
                 self._frozen.remove(gen)
+                self._indexed_seq = max(self._indexed_seq, gen.last_seq)
             return True
 
     def _index_sync(self) -> None:
-        """Commit every pending row now (marks, verify and close need the index complete)."""
-        while self._index_once():
+        """Commit every row pending now (marks, verify and close need the index complete).
+        Rows that arrive meanwhile are left to the indexer: under steady writes this returns."""
+        with self._lock:
+            target = self._head
+        while self._indexed_seq < target and self._index_once():
             pass
 
     def _index_loop(self) -> None:
