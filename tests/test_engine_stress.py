@@ -457,3 +457,30 @@ def test_kill_between_creating_a_segment_and_writing_its_header(tmp_path: Path, 
         assert s.verify().run() == []
     finally:
         s.close()
+
+
+# --- index snapshots ------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="MapDB.newest keeps a cursor whose LIMIT 1 statement stays open after "
+                   "fetchone (engine/maps.py, 63d5d49): the read connection keeps an old snapshot, and range "
+                   "reads miss versions the indexer committed since")
+def test_past_reads_see_versions_indexed_after_a_single_block_read(store: Store) -> None:
+    """A one-block past read, then more history indexed, then a big read of a later point.
+
+    A SELECT left unfinished keeps its connection's read transaction open, so every other query
+    on that connection sees the database as it was then. Versions committed by the indexer since
+    are gone from the pending generations, so a range read of a newer point falls back to older
+    versions: wrong bytes, no error. (It also pins the WAL, which then cannot be checkpointed.)
+    """
+    s = store
+    bs = s.block_size
+    s.live.write(0, b"a" * bs * 32)
+    first = s.head
+    s.live.write(0, b"x" * bs * 32)
+    s.info()  # indexed
+    assert s.at(first).read(0, 10) == b"a" * 10  # a single-block read through MapDB.newest
+    s.live.write(0, b"b" * bs * 32)
+    point = s.head
+    s.info()  # indexed by the indexer's own connection; the pending rows are dropped
+    s.live.write(40 * bs, b"c" * bs)
+    assert s.at(point).read(0, 32 * bs) == b"b" * bs * 32
