@@ -130,7 +130,7 @@ def run_threads(s: Store, clock: Clock, seconds: float, seed: int, verify: bool)
         with sh.lock:
             sh.snaps[head] = bytes(model)
             sh.keys.append(head)
-        clock.advance(rnd.uniform(0.5, 20))
+        clock.advance(rnd.uniform(2, 40))
         if rnd.random() < 0.05:
             s.flush()
         sh.count("batches")
@@ -240,7 +240,7 @@ def test_threads_read_fade_export_mark_verify_while_writing(tmp_path: Path, segm
         assert sh.counts.get("fades", 0) > 3 and sh.counts.get("marks", 0) > 5
         s.fade().run()
         n = check_final(s, sh, f"seed {seed}")
-        assert n > 20
+        assert n > 8
         merged = [q for q in sh.keys if s.horizon < q and not addressable(s, q)]
         assert merged, "the policy merged nothing: the test lost its point"
         s.close()
