@@ -330,18 +330,22 @@ def test_kill9_while_writing_with_a_fading_thread(tmp_path: Path) -> None:
     kill9_rounds(tmp_path, 44, "thread")
 
 
-def settle(states: dict[int, bytes], live: bytes, last_acked: int, where: str) -> int:
-    """The step the recovered volume stands at: after the last acknowledged batch or a later one;
-    a batch in flight at the kill may be partly there (unaligned requests are journaled in pieces,
-    and an unacknowledged write may land partly), byte by byte either before or after it."""
+def settle(states: dict[int, bytes], live: bytes, last_acked: int, seed: int, where: str) -> int:
+    """The step the recovered volume stands at: after the last acknowledged batch or a later one.
+    A batch in flight at the kill may be partly there: a prefix of its requests (unaligned ones are
+    journaled one by one), the next request perhaps partly (an unacknowledged write may land in
+    part), byte by byte either before or after it."""
     for k in range(last_acked + 3, last_acked - 1, -1):
         if states.get(k) == live:
             return k
     for k in range(last_acked, last_acked + 3):
-        a, b = states[k], states[k + 1]
-        if all(x == y or x == z for x, y, z in zip(live, a, b, strict=True)):
-            states[k + 1] = live  # the new truth; nothing acknowledged stands at k + 1
-            return k + 1
+        cur = bytearray(states[k])
+        for req in random_batch(random.Random(seed * 1_000_003 + k + 1), len(live)):
+            before = bytes(cur)
+            apply(cur, [req])
+            if all(x == y or x == z for x, y, z in zip(live, before, cur, strict=True)):
+                states[k + 1] = live  # the new truth; nothing acknowledged stands at k + 1
+                return k + 1
     near = [k for k, v in states.items() if v == live]
     diff = [b for b in range(len(live) // BS) if live[b * BS : (b + 1) * BS] != states[last_acked][b * BS : (b + 1) * BS]]
     raise AssertionError(f"{where}: the live volume is not the state after step {last_acked} or a later one,"
@@ -379,7 +383,7 @@ def kill9_rounds(tmp_path: Path, round_seed: int, mode: str) -> None:
             where = f"seed {seed} round {rnd} ({len(done)} steps, recovery {s.recovery})"
             live = s.live.read(0, CRASH_SIZE)
             last_acked = max([step, *done, *flushed])
-            step = settle(states, live, last_acked, where)
+            step = settle(states, live, last_acked, seed, where)
             assert s.at("now").read(0, CRASH_SIZE) == live, f"{where}: now differs from live"
             n = 0
             for q in retained(s):
