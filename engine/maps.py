@@ -8,6 +8,7 @@ from it, and `meta.indexed_*` says how far the index has got.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +103,22 @@ class MapDB:
                 v += 1
                 self.db.execute(f"PRAGMA user_version={v}")
 
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        """A write transaction that takes the write lock up front (BEGIN IMMEDIATE), so it waits
+        its turn (busy timeout) instead of failing when another connection committed meanwhile."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     # helpers -----------------------------------------------------------------------------
     def one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
-        row = self.db.execute(sql, args).fetchone()
-        return None if row is None else row[0]
+        rows = self.db.execute(sql, args).fetchall()  # to the end, so no read snapshot stays open
+        return rows[0][0] if rows else None
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         v = self.one("SELECT value FROM meta WHERE key=?", (key,))
@@ -126,7 +139,7 @@ class MapDB:
         meta: dict[str, Any],
     ) -> None:
         """Persist one generation of index rows in a single transaction."""
-        with self.db:
+        with self.write():
             if versions:
                 self.db.executemany("INSERT OR REPLACE INTO versions VALUES(?,?,?,?)", versions)
             if records:
@@ -154,13 +167,15 @@ class MapDB:
 
     # reads -------------------------------------------------------------------------------
     def newest(self, block: int, seq: int) -> Version | None:
-        """The newest version of `block` at or before `seq`: one b-tree descent. (A kept cursor
-        and fetchone: a for-loop left early keeps the statement open and costs twice as much.)"""
-        row = self._cur.execute(
+        """The newest version of `block` at or before `seq`: one b-tree descent, on a kept cursor."""
+        rows = self._cur.execute(
             "SELECT seq, loc, crc FROM versions WHERE block=? AND seq<=? ORDER BY seq DESC LIMIT 1",
             (block, seq),
-        ).fetchone()
-        return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
+        ).fetchall()  # to the end: a statement left active would pin this connection's snapshot
+        if not rows:
+            return None
+        s, loc, crc = rows[0]
+        return (int(s), int(loc), int(crc))  # type: ignore[arg-type]
 
     def newest_range(self, b0: int, b1: int, seq: int) -> dict[int, Version]:
         """Newest version at or before `seq` of every block in [b0, b1) that has one: two index
@@ -222,8 +237,8 @@ class MapDB:
         ]
 
     def mark(self, name: str) -> Mark | None:
-        for n, s, t, p in self.db.execute("SELECT name, seq, time, pinned FROM marks WHERE name=?", (name,)):
-            return Mark(str(n), int(s), int(t), bool(p))
+        for n, s, t, p in self.db.execute("SELECT name, seq, time, pinned FROM marks WHERE name=?", (name,)).fetchall():
+            return Mark(str(n), int(s), int(t), bool(p))  # type: ignore[arg-type]
         return None
 
     def maps(self) -> list[MapInfo]:
@@ -245,7 +260,7 @@ class MapDB:
 
     def record_journal_size(self, t: int, journal_bytes: int) -> None:
         """A stats row for a second without writes (after a fade), so charts show the drop."""
-        with self.db:
+        with self.write():
             self.db.execute(
                 "INSERT INTO stats VALUES(?,0,0,?) ON CONFLICT(t) DO UPDATE SET journal_bytes=excluded.journal_bytes",
                 (t, journal_bytes),

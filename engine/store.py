@@ -192,6 +192,7 @@ class Store:
         self._listeners: list[Listener] = []
         self._lock = threading.RLock()
         self._commit_lock = threading.Lock()
+        self._maint = threading.Lock()  # one of fade / verify at a time: both walk the segments
         self._closed = False
         self._lockfd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -346,7 +347,7 @@ class Store:
             if self._head > self.horizon:
                 self.recovery.append(f"rebuilt the delta maps from the journal ({self._head} records)")
             else:  # a new store: nothing to rebuild, just remember where the index stands
-                with db.db:
+                with db.write():
                     db.set_meta("indexed_seq", self._head)
                     db.set_meta("indexed_segno", 1)
                     db.set_meta("indexed_off", 16)
@@ -367,7 +368,7 @@ class Store:
         db = self._wdb
         hz, until = self.horizon, int(self.meta.get("kept_until", 0))
         kept = set(self.meta.get("kept", [])) | {hz}
-        with db.db:
+        with db.write():
             db.db.executemany("UPDATE marks SET pinned=1 WHERE name=?", [(n,) for n in self.meta.get("pinned", [])])
             db.db.execute("DELETE FROM records WHERE seq<?", (hz,))
             db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq<?", (hz,))

@@ -46,6 +46,12 @@ COMPACT_BELOW = 0.5  # compact a segment when less than this share of its bytes 
 def fade_body(store: Store, check: Callable[[], None], throttle: float = 0.0,
               early: bool = False) -> Generator[Progress, None, dict[str, Any]]:
     """The fade job. `early`: the space limit is reached, move the horizon past kept points too."""
+    with store._maint:
+        return (yield from _fade(store, check, throttle, early))
+
+
+def _fade(store: Store, check: Callable[[], None], throttle: float,
+          early: bool) -> Generator[Progress, None, dict[str, Any]]:
     store._index_sync()
     with store._lock:
         first_open = store.journal.segno  # segments before it are complete and indexed
@@ -113,7 +119,7 @@ def _decide(store: Store, db: MapDB, p: Plan, points: list[tuple[int, int]]) -> 
             store.meta["horizon_seq"] = hz
             store.meta["horizon_ns"] = store.point_time(hz)
         store.save_meta()
-    with db.db:
+    with db.write():
         db.db.executemany("UPDATE records SET gone=1 WHERE seq=?", [(s,) for s in sorted(p.drop) if s > hz])
         db.db.execute("DELETE FROM records WHERE seq<?", (hz,))
         db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq<?", (hz,))
@@ -148,7 +154,7 @@ def _remove_versions(store: Store, db: MapDB, check: Callable[[], None],
     removed = 0
     for i in range(0, len(doomed), CHUNK):
         check()
-        with db.db:
+        with db.write():
             db.db.executemany("DELETE FROM versions WHERE block=? AND seq=?", doomed[i : i + CHUNK])
         removed += len(doomed[i : i + CHUNK])
         yield Progress("merge", removed, len(doomed))
@@ -186,7 +192,7 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
                 for b, s in chunk
                 if now.get(b) == (1, s) and all(g.lookup(b, 1 << 62) is None for g in (store._gen, *store._frozen))
             ]
-            with db.db:
+            with db.write():
                 db.db.executemany("DELETE FROM versions WHERE block=? AND seq=?", ok)
             for b, _ in ok:
                 store._state[b] = UNTOUCHED  # a new baseline is taken on the next overwrite
@@ -323,13 +329,13 @@ def compact_segment(store: Store, db: MapDB, segno: int, mark_seqs: set[int]) ->
         out.flush()
         os.fsync(out.fileno())
     with store._lock:
-        with db.db:
+        with db.write():
             db.set_meta("compacting", segno)
             db.db.executemany("UPDATE versions SET loc=? WHERE block=? AND seq=?", moves)
         j.close_segment(segno)
         os.rename(new_path, j.seg_path(segno))
         _fsync_dir(j.path)
-        with db.db:
+        with db.write():
             db.db.execute("DELETE FROM meta WHERE key='compacting'")
 
 
@@ -346,7 +352,7 @@ def finish_compaction(store_dir_journal: Any, db: MapDB) -> str | None:
             p.unlink()  # the index never pointed into it
             note = f"removed an unfinished compaction of {target.name}"
     if seg is not None:
-        with db.db:
+        with db.write():
             db.db.execute("DELETE FROM meta WHERE key='compacting'")
     if note:
         _fsync_dir(store_dir_journal)

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 
 def verify_store(store: Store, check: Callable[[], None]) -> Generator[Progress, None, list[str]]:
     """Yield progress; return a list of problems, each naming the file and offset."""
+    with store._maint:  # a fade would delete or compact segments under the scan
+        return (yield from _verify(store, check))
+
+
+def _verify(store: Store, check: Callable[[], None]) -> Generator[Progress, None, list[str]]:
     store._index_sync()
     problems: list[str] = []
     j = store.journal

@@ -209,6 +209,9 @@ class Journal:
                 self.close_segment(s)
                 os.unlink(self.seg_path(s))
         fd = self._fd(segno)
+        if off < SEGMENT_HEADER_SIZE:  # torn while the segment was being created: start it afresh
+            os.pwrite(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, segno), 0)
+            off = SEGMENT_HEADER_SIZE
         os.ftruncate(fd, off)
         os.fsync(fd)
         self.segno, self.end = segno, off
