@@ -77,6 +77,9 @@ class MapDB:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
         self.path = path
+        # writers of one store share this lock (the store's commit lock): SQLite's busy waiting
+        # is not fair, and a steady indexer could starve a fade's transaction for ever
+        self.lock: contextlib.AbstractContextManager[Any] | None = None
         self.db = apsw.Connection(str(path), flags=flags)
         self.db.set_busy_timeout(10_000)
         self._cur = self.db.cursor()
@@ -107,13 +110,14 @@ class MapDB:
     def write(self) -> Iterator[None]:
         """A write transaction that takes the write lock up front (BEGIN IMMEDIATE), so it waits
         its turn (busy timeout) instead of failing when another connection committed meanwhile."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self.lock or contextlib.nullcontext():
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     # helpers -----------------------------------------------------------------------------
     def one(self, sql: str, args: tuple[Any, ...] = ()) -> Any:

@@ -191,7 +191,7 @@ class Store:
         self.recovery: list[str] = []
         self._listeners: list[Listener] = []
         self._lock = threading.RLock()
-        self._commit_lock = threading.Lock()
+        self._commit_lock = threading.RLock()  # one SQLite writer at a time; before _lock if both
         self._maint = threading.Lock()  # one of fade / verify at a time: both walk the segments
         self._closed = False
         self._lockfd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -217,6 +217,7 @@ class Store:
             self.journal = Journal(d / "journal", self.block_size)
             self._db = MapDB(d / "maps.db")
             self._wdb = MapDB(d / "maps.db")
+            self._wdb.lock = self._commit_lock
             self._gen = _Gen()
             self._frozen: list[_Gen] = []
             note = finish_compaction(self.journal.path, self._wdb)

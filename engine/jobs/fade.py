@@ -57,6 +57,7 @@ def _fade(store: Store, check: Callable[[], None], throttle: float,
         first_open = store.journal.segno  # segments before it are complete and indexed
     t0 = time.monotonic()
     db = MapDB(store.dir / "maps.db")
+    db.lock = store._commit_lock
     try:
         before = store.journal.size_bytes()
         old_h = store.horizon
@@ -176,7 +177,7 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
     for i in range(0, len(cand), CHUNK):
         check()
         chunk = cand[i : i + CHUNK]
-        with store._lock:
+        with store._commit_lock, store._lock:
             # look again under the lock: a block written since the listing (its row pending or
             # already committed) keeps its horizon version
             qs = ",".join("?" * len(chunk))
@@ -328,7 +329,7 @@ def compact_segment(store: Store, db: MapDB, segno: int, mark_seqs: set[int]) ->
                 moves.extend((make_loc(segno, dstart + i * bs), r[0], r[1]) for i, r in enumerate(run))
         out.flush()
         os.fsync(out.fileno())
-    with store._lock:
+    with store._commit_lock, store._lock:
         with db.write():
             db.set_meta("compacting", segno)
             db.db.executemany("UPDATE versions SET loc=? WHERE block=? AND seq=?", moves)
