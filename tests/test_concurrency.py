@@ -390,8 +390,8 @@ def kill9_rounds(tmp_path: Path, round_seed: int, mode: str) -> None:
                 if q in points and points[q] <= step:
                     assert s.at(q).read(0, CRASH_SIZE) == states[points[q]], f"{where}: seq {q} (step {points[q]})"
                     n += 1
-            for mk in s.marks():
-                if mk.name in marks:
+            for mk in s.marks():  # (a kill inside fade's decision can leave a mark listed but refused)
+                if mk.name in marks and addressable(s, mk.seq):
                     assert s.at(f"mark:{mk.name}").read(0, CRASH_SIZE) == states[marks[mk.name]], f"{where}: {mk.name}"
             problems = s.verify().run()
             assert problems == [], f"{where}: {problems[:3]}"
