@@ -9,13 +9,14 @@ generations first, then SQLite: one b-tree descent per block.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import fcntl
 import json
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -192,7 +193,9 @@ class Store:
         self._listeners: list[Listener] = []
         self._lock = threading.RLock()
         self._commit_lock = threading.RLock()  # one SQLite writer at a time; before _lock if both
-        self._maint = threading.Lock()  # one of fade / verify at a time: both walk the segments
+        self._maint = threading.Lock()
+        self._waiting = 0  # threads other than the writer waiting for _lock (see _turn)
+        self._lock_counter = threading.Lock()  # one of fade / verify at a time: both walk the segments
         self._closed = False
         self._lockfd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -343,8 +346,12 @@ class Store:
         self._indexed_seq = self._head
         if torn:
             self._undo_torn(torn)
+        if rebuild or self.meta.get("fade_pending"):
+            self._reapply_retention(release=rebuild)
+            if self.meta.pop("fade_pending", None):
+                self.save_meta()
+                self.recovery.append("finished recording an interrupted fade")
         if rebuild:
-            self._reapply_retention()
             if self._head > self.horizon:
                 self.recovery.append(f"rebuilt the delta maps from the journal ({self._head} records)")
             else:  # a new store: nothing to rebuild, just remember where the index stands
@@ -364,10 +371,19 @@ class Store:
         self._primary.sync()
         self.recovery.append(f"restored {len(ranges)} primary ranges written by torn, unacknowledged records")
 
-    def _reapply_retention(self) -> None:
-        """After a rebuild, points that retention had merged away stay merged away."""
+    def _reapply_retention(self, release: bool) -> None:
+        """After a rebuild (or a fade cut short), points that retention had merged away stay
+        merged away; after a rebuild, blocks it had released are released again (their old
+        versions may survive in segments that were kept for other data)."""
         db = self._wdb
         hz, until = self.horizon, int(self.meta.get("kept_until", 0))
+        if release and hz > 0:
+            with db.write():
+                db.db.execute(
+                    "DELETE FROM versions WHERE block IN"
+                    " (SELECT block FROM versions GROUP BY block HAVING max(seq) <= ?)",
+                    (hz,),
+                )
         kept = set(self.meta.get("kept", [])) | {hz}
         with db.write():
             db.db.executemany("UPDATE marks SET pinned=1 WHERE name=?", [(n,) for n in self.meta.get("pinned", [])])
@@ -499,8 +515,31 @@ class Store:
             self._emit("write-failed", {"message": str(e), "kind": type(e).__name__})
             raise
 
+    @contextlib.contextmanager
+    def _turn(self, commit: bool = False) -> Iterator[None]:
+        """Take the store lock (after the commit lock, if asked) with priority over the writer.
+
+        Python locks are not fair: a writer in a loop takes the lock again at once, and a fade,
+        an export or a preview waiting for it could starve. Writers step aside while anyone waits
+        here."""
+        with self._lock_counter:
+            self._waiting += 1
+        acquired = False
+        try:
+            with self._commit_lock if commit else contextlib.nullcontext(), self._lock:
+                with self._lock_counter:
+                    self._waiting -= 1
+                acquired = True
+                yield
+        finally:
+            if not acquired:
+                with self._lock_counter:
+                    self._waiting -= 1
+
     def _write_many_locked(self, reqs: list[Req], fua: bool) -> None:
         bs = self.block_size
+        while self._waiting:  # let a fade, an export or a preview have its turn
+            time.sleep(0.0002)
         with self._lock:
             if self._closed:
                 raise RewindError("the store is closed")
@@ -789,7 +828,7 @@ class Store:
     def mark(self, name: str, pinned: bool = False) -> Mark:
         """Name the present point. Durable when this returns."""
         check_mark_name(name)
-        with self._lock:
+        with self._turn():
             if self._find_mark(name) is not None:
                 raise BadInput(f"a mark named {name!r} exists: pick another name")
             raw = name.encode()

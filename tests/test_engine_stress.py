@@ -484,9 +484,6 @@ def test_past_reads_see_versions_indexed_after_a_single_block_read(store: Store)
     assert s.at(point).read(0, 32 * bs) == b"b" * bs * 32
 
 
-@pytest.mark.xfail(strict=True, reason="a rebuild brings back versions fade had removed when their records "
-                   "survive in an uncompacted segment, while the newer, released version's record was "
-                   "reclaimed (engine/store.py _reapply_retention does not redo fade's _release)")
 def test_rebuild_does_not_resurrect_versions_behind_a_released_block(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Block 0: written (A), later zeroed; both fade behind the horizon. The fade removes A's

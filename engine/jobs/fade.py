@@ -52,9 +52,9 @@ def fade_body(store: Store, check: Callable[[], None], throttle: float = 0.0,
 
 def _fade(store: Store, check: Callable[[], None], throttle: float,
           early: bool) -> Generator[Progress, None, dict[str, Any]]:
-    store._index_sync()
     with store._lock:
-        first_open = store.journal.segno  # segments before it are complete and indexed
+        first_open = store.journal.segno  # segments before it are complete, and indexed below
+    store._index_sync()
     t0 = time.monotonic()
     db = MapDB(store.dir / "maps.db")
     db.lock = store._commit_lock
@@ -103,7 +103,7 @@ def _early_plan(store: Store, p: Plan, points: list[tuple[int, int]], pinned: li
 
 def _decide(store: Store, db: MapDB, p: Plan, points: list[tuple[int, int]]) -> None:
     """Record the decision first: store.json, then the records/marks/maps tables."""
-    with store._lock:
+    with store._turn():
         hz = p.horizon if p.horizon is not None else store.horizon
         seqs = [s for s, _ in points]
         # everything above `cutoff` stays; at or below it only `kept`
@@ -115,6 +115,7 @@ def _decide(store: Store, db: MapDB, p: Plan, points: list[tuple[int, int]]) -> 
         kept = sorted(s for s in p.keep if hz <= s <= cutoff)
         old_kept = [s for s in store.meta.get("kept", []) if s >= hz and s not in p.drop]
         store.meta["kept"] = sorted(set(kept) | set(old_kept))
+        store.meta["fade_pending"] = True  # until the tables below agree (redone on open)
         store.meta["kept_until"] = max(cutoff, int(store.meta.get("kept_until", 0)))
         if hz > store.horizon:
             store.meta["horizon_seq"] = hz
@@ -127,6 +128,9 @@ def _decide(store: Store, db: MapDB, p: Plan, points: list[tuple[int, int]]) -> 
         db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq IN (SELECT seq FROM records WHERE gone=1)")
         db.db.execute("DELETE FROM maps WHERE last_seq<=?", (hz,))
         db.db.execute("UPDATE maps SET kind='merged' WHERE first_seq<=?", (store.meta["kept_until"],))
+    with store._turn():
+        store.meta.pop("fade_pending", None)
+        store.save_meta()
 
 
 def _retained(store: Store) -> tuple[list[int], int]:
@@ -177,7 +181,7 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
     for i in range(0, len(cand), CHUNK):
         check()
         chunk = cand[i : i + CHUNK]
-        with store._commit_lock, store._lock:
+        with store._turn(commit=True):
             # look again under the lock: a block written since the listing (its row pending or
             # already committed) keeps its horizon version
             qs = ",".join("?" * len(chunk))
@@ -329,7 +333,7 @@ def compact_segment(store: Store, db: MapDB, segno: int, mark_seqs: set[int]) ->
                 moves.extend((make_loc(segno, dstart + i * bs), r[0], r[1]) for i, r in enumerate(run))
         out.flush()
         os.fsync(out.fileno())
-    with store._commit_lock, store._lock:
+    with store._turn(commit=True):
         with db.write():
             db.set_meta("compacting", segno)
             db.db.executemany("UPDATE versions SET loc=? WHERE block=? AND seq=?", moves)
