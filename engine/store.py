@@ -456,6 +456,9 @@ class Store:
 
     def _index_once(self) -> bool:
         """Commit the oldest pending generation. One that failed stays pending and goes first."""
+        with self._lock:
+            pending = self._frozen[0].last_seq if self._frozen else self._gen.last_seq
+        self._applier.wait(pending)  # the slow part, before taking the commit lock others need
         with self._commit_lock:
             with self._lock:
                 if self._frozen:
