@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from . import errors
-from .errors import BadInput, Cancelled, RewindError, StoreLocked
-from .jobs import Progress
+from .errors import BadInput, RewindError, StoreLocked
+from .jobs import Progress, end_state
 
 SOCKET_NAME = "control.sock"
 REQUEST_MAX = 1 << 20  # a request line (paths, names, points) never needs more
@@ -853,13 +853,8 @@ class RemoteJob:
                     continue
                 self.result = _result(msg)
                 break
-        except Cancelled as e:
-            self.state = "cancelled"
-            self.error = e
-            raise
         except BaseException as e:
-            self.state = "failed"
-            self.error = e
+            end_state(self, e)
             raise
         finally:
             self._conn.close()

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import Cancelled
 
@@ -28,6 +28,17 @@ class Progress:
 
 # A job body yields Progress; it must call check() (passed in) at safe points.
 JobBody = Callable[[Callable[[], None]], Generator[Progress, None, Any]]
+
+
+class HasState(Protocol):
+    state: str
+    error: BaseException | None
+
+
+def end_state(job: HasState, e: BaseException) -> None:
+    """Record how a job ended on an exception: cancelled, or failed."""
+    job.state = "cancelled" if isinstance(e, Cancelled) else "failed"
+    job.error = e
 
 
 class Job:
@@ -77,13 +88,8 @@ class Job:
                 if now - last_emit >= self.THROTTLE_S or ev.done >= ev.total:
                     last_emit = now
                     yield ev
-        except Cancelled as e:
-            self.state = "cancelled"
-            self.error = e
-            raise
         except BaseException as e:
-            self.state = "failed"
-            self.error = e
+            end_state(self, e)
             raise
         finally:
             gen.close()
@@ -97,4 +103,4 @@ class Job:
         return self.result
 
 
-__all__ = ["Job", "Progress", "JobBody", "Cancelled"]
+__all__ = ["Job", "Progress", "JobBody", "Cancelled", "end_state"]
