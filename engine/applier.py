@@ -21,8 +21,11 @@ from .primary import Primary
 
 WRITE = 0
 ZERO = 1
-# (kind, journal segno, offset in segment, primary offset, length)
-Op = tuple[int, int, int, int, int]
+# (kind, journal segno, offset in segment, primary offset, length, data or None)
+# Small writes carry a copy of their data (a 4 KiB pwrite costs a third of a copy_file_range);
+# big ones are copied from the journal in the kernel.
+Op = tuple[int, int, int, int, int, bytes | None]
+SMALL = 64 << 10
 
 
 class Applier:
@@ -97,9 +100,12 @@ class Applier:
                 self._cv.notify_all()
 
     def _do(self, op: Op) -> None:
-        kind, segno, joff, poff, n = op
+        kind, segno, joff, poff, n, data = op
         if kind == ZERO:
             self._primary.zero(poff, n)
+            return
+        if data is not None:
+            self._primary.pwrite(poff, data)
             return
         src = self._journal._fd(segno)
         dst = self._primary.fd

@@ -634,7 +634,7 @@ class Store:
             seq, t = self._next()
             batch.add(Kind.WRITE, seq, t, b0 + i, k, data[i * bs : (i + k) * bs], bs=bs)
             if primary:
-                batch.prim.append((len(batch.recs) - 1, (b0 + i) * bs, k * bs))
+                batch.prim.append((len(batch.recs) - 1, (b0 + i) * bs, k * bs, data[i * bs : (i + k) * bs]))
 
     def _stage_zero(self, batch: _Batch, b0: int, count: int) -> None:
         seg = self._state[b0 : b0 + count]
@@ -643,7 +643,7 @@ class Store:
         self._stage_baselines(batch, b0, count)
         seq, t = self._next()
         batch.add(Kind.ZERO, seq, t, b0, count, None, bs=self.block_size)
-        batch.prim.append((-1, b0 * self.block_size, count * self.block_size))
+        batch.prim.append((-1, b0 * self.block_size, count * self.block_size, None))
 
     def _apply(self, batch: _Batch) -> None:
         """Append the staged records in one go, then write the primary, then index."""
@@ -682,12 +682,13 @@ class Store:
         if batch.prim:
             ops: list[Op] = []
             nbytes = 0
-            for idx, poff, n in batch.prim:
+            for idx, poff, n, data in batch.prim:
                 if idx < 0:
-                    ops.append((applier.ZERO, 0, 0, poff, n))
+                    ops.append((applier.ZERO, 0, 0, poff, n, None))
                 else:
                     rel, count = batch.recs[idx][5], batch.recs[idx][4]
-                    ops.append((applier.WRITE, segno, start + rel + HEADER_SIZE + 4 * count, poff, n))
+                    small = bytes(data) if n <= applier.SMALL and data is not None else None
+                    ops.append((applier.WRITE, segno, start + rel + HEADER_SIZE + 4 * count, poff, n, small))
                     nbytes += n
             self._applier.submit(gen.last_seq, ops, nbytes)
         batch.clear()
@@ -1080,7 +1081,8 @@ class _Batch:
         self.pieces: list[bytes | bytearray | memoryview] = []
         self.nbytes = 0
         self.recs: list[tuple[Kind, int, int, int, int, int, list[int], int]] = []
-        self.prim: list[tuple[int, int, int]] = []  # (record index or -1 for zero, primary offset, length)
+        # (record index or -1 for zero, primary offset, length, data of the record or None)
+        self.prim: list[tuple[int, int, int, memoryview | None]] = []
         self.undo: list[tuple[int, bytes]] = []  # (first block, bitmap bytes before staging)
 
     def clear(self) -> None:
