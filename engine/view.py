@@ -86,6 +86,9 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
     store._check_range(off, n)
     if n == 0:
         return b""
+    if seq is None and not indexed:  # the live volume: what the primary holds once queued writes land
+        store._applier.wait(store._head)
+        return store._primary.pread(off, n)
     with store._turn():
         if seq is None or (seq >= store._head and not indexed):
             store._applier.wait(store._head)
