@@ -584,15 +584,19 @@ class Store:
         self._wake_indexer()
 
     def _write_unaligned(self, batch: _Batch, off: int, data: bytes | memoryview) -> None:
-        """Apply what is staged, then read-modify-write the whole blocks around `data`."""
+        """Read-modify-write the whole blocks around `data`, within the same batch: the blocks'
+        current contents are the primary (once queued writes land) overlaid with what this batch
+        already staged, so a request is never split over two journal appends."""
         bs = self.block_size
-        self._apply(batch)
         self._applier.wait(self._head)
         a, e = off - off % bs, -(-(off + len(data)) // bs) * bs
         buf = bytearray(self._primary.pread(a, e - a))
+        for _idx, poff, n, staged in batch.prim:
+            lo, hi = max(poff, a), min(poff + n, e)
+            if lo < hi:
+                buf[lo - a : hi - a] = bytes(hi - lo) if staged is None else staged[lo - poff : hi - poff]
         buf[off - a : off - a + len(data)] = data
         self._stage_write(batch, a // bs, memoryview(buf))
-        self._apply(batch)
 
     def _stage_baselines(self, batch: _Batch, b0: int, count: int, old: memoryview | None = None) -> None:
         """Copy-on-first-write: journal the horizon contents of blocks about to change."""
