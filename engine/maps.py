@@ -210,10 +210,6 @@ class MapDB:
         v = self.one("SELECT max(seq) FROM records WHERE time<=?", (t,))
         return None if v is None else int(v)
 
-    def is_gone(self, seq: int) -> bool:
-        """Was this point merged away by retention?"""
-        return bool(self.one("SELECT gone FROM records WHERE seq=?", (seq,)))
-
     def kept_neighbours(self, seq: int) -> tuple[int | None, int | None]:
         """The nearest still-addressable points around `seq`."""
         lo = self.one("SELECT max(seq) FROM records WHERE seq<? AND gone=0", (seq,))
@@ -230,9 +226,6 @@ class MapDB:
     def record_time(self, seq: int) -> int | None:
         v = self.one("SELECT time FROM records WHERE seq<=? ORDER BY seq DESC LIMIT 1", (seq,))
         return None if v is None else int(v)
-
-    def record_exists(self, seq: int) -> bool:
-        return self.one("SELECT 1 FROM records WHERE seq=?", (seq,)) is not None
 
     def marks(self) -> list[Mark]:
         return [

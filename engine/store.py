@@ -73,10 +73,8 @@ class _Gen:
     blocks: dict[int, list[Version]] = field(default_factory=dict)
     versions: list[tuple[int, int, int, int]] = field(default_factory=list)
     records: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
-    maps: dict[int, tuple[int, int, int, int, str, int]] = field(default_factory=dict)
     marks: list[tuple[str, int, int, int]] = field(default_factory=list)
     unmarks: list[str] = field(default_factory=list)
-    stats: dict[int, list[int]] = field(default_factory=dict)
     last_seq: int = 0
     end_pos: tuple[int, int] = (0, 0)
     nindexed: int = 0  # versions[:nindexed] are in `blocks` (built lazily: reads are rarer than writes)
@@ -104,7 +102,7 @@ class _Gen:
         return None
 
     def empty(self) -> bool:
-        return not (self.versions or self.records or self.marks or self.unmarks or self.stats or self.last_seq)
+        return not (self.versions or self.records or self.marks or self.unmarks or self.last_seq)
 
 
 class Store:
@@ -423,7 +421,7 @@ class Store:
     def _commit(self, gen: _Gen) -> None:
         """Write one generation to SQLite (indexer thread, or recovery). Safe to retry."""
         bs = self.block_size
-        jb = self.journal_bytes_estimate()
+        jb = self.space_used()
         maps: dict[int, tuple[int, int, int, int, str, int]] = {}
         stats: dict[int, list[int]] = {}
         for seq, t, kind, _block, count, mid in gen.records:
@@ -450,9 +448,6 @@ class Store:
             self._wdb.commit(gen.versions, gen.records, maps, gen.marks, gen.unmarks, stats, meta)
         except apsw.FullError:
             raise NoSpace(f"no space left for the index {self.dir / 'maps.db'}: free space on that disk") from None
-
-    def journal_bytes_estimate(self) -> int:
-        return self.journal.total_bytes
 
     def _index_once(self) -> bool:
         """Commit the oldest pending generation. One that failed stays pending and goes first."""
@@ -1006,7 +1001,8 @@ class Store:
         return self.retention()
 
     def space_used(self) -> int:
-        return self.journal_bytes_estimate()
+        """Bytes the journal holds (a running count, exact after each fade)."""
+        return self.journal.total_bytes
 
     def over_limit(self) -> bool:
         limit = (self.meta.get("retention") or {}).get("max_size")
