@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+from array import array
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -49,6 +50,8 @@ MAP_SPAN_NS = 60 * 10**9  # a new delta map at least every minute of writes
 INDEX_BATCH_ROWS = 200_000
 SYNC_INTERVAL_S = 1.0  # group commit: appended records become durable within this, or at FLUSH/FUA
 WRITE_RECORD_BYTES = 32 << 20
+LAST_MAX_BLOCKS = 1 << 25  # volumes up to this many blocks keep the last-write array (4 bytes a block)
+LAST_NONE = 0xFFFFFFFF  # in the last-write array: unknown (a seq too big for 32 bits), ask the index
 assert WRITE_RECORD_BYTES <= MAX_RECORD_BYTES
 
 
@@ -221,6 +224,7 @@ class Store:
             self._wdb.lock = self._commit_lock
             self._gen = _Gen()
             self._frozen: list[_Gen] = []
+            self._vcache: dict[tuple[int, int], Version] = {}  # see view.version_at
             note = finish_compaction(self.journal.path, self._wdb)
             if note:
                 self.recovery.append(note)
@@ -397,15 +401,26 @@ class Store:
         """The copy-on-first-write bitmap: which blocks still need a baseline before an overwrite."""
         bs = self.block_size
         st = bytearray(self.nblocks)
-        if self.meta.get("mode") != "watch":
+        watch = self.meta.get("mode") == "watch"
+        if not watch:
             for a, e in self._primary.holes():
                 b0, b1 = -(-a // bs), e // bs
                 if b1 > b0:
                     st[b0:b1] = bytes([HOLE]) * (b1 - b0)
-        for b in self._db.touched_blocks():
+        last = array("I", bytes(4 * self.nblocks)) if self.nblocks <= LAST_MAX_BLOCKS else None
+        for b, s in self._db.touched_blocks():
             if 0 <= b < self.nblocks:
                 st[b] = TOUCHED
+                if last is not None:
+                    last[b] = max(last[b], min(s, LAST_NONE))
+        for gen in (*self._frozen, self._gen):  # recovered rows not yet committed
+            for b, s, _loc, _crc in gen.versions:
+                if last is not None and 0 <= b < self.nblocks:
+                    last[b] = max(last[b], min(s, LAST_NONE))
         self._state = st
+        # last[b] is the seq of b's newest version: a past point at or after it reads b from the
+        # primary, like the live volume (a watched primary may hold changes not journaled yet)
+        self._last = None if watch else last
 
     # index generations -------------------------------------------------------------------
     def _add_record(self, gen: _Gen, seq: int, t: int, kind: int, block: int, count: int) -> None:
@@ -662,7 +677,14 @@ class Store:
         gen = self._gen
         base = make_loc(segno, start + HEADER_SIZE)
         versions = gen.versions
+        last = self._last
         for kind, seq, t, b0, count, rel, crcs, aux in batch.recs:
+            if last is not None and kind != Kind.BASELINE and kind != Kind.MARK:
+                s32 = seq if seq < LAST_NONE else LAST_NONE
+                if count == 1:
+                    last[b0] = s32
+                else:
+                    last[b0 : b0 + count] = array("I", (s32,)) * count
             if kind == Kind.ZERO:
                 zl = zero_loc(segno, start + rel)
                 versions.extend(zip(range(b0, b0 + count), repeat(seq), repeat(zl), repeat(0)))
@@ -725,8 +747,7 @@ class Store:
         with self._lock:
             self.meta["mode"] = mode
             _write_json(self.dir / "store.json", self.meta)
-            if mode == "watch":
-                self._build_state()
+            self._build_state()
 
     def flush(self) -> None:
         """Make every write so far durable in journal and primary (NBD FLUSH, FUA, fsync).
@@ -746,6 +767,10 @@ class Store:
     # read path ---------------------------------------------------------------------------
     def _version(self, block: int, seq: int) -> Version | None:
         return view.version_at(self, block, seq)
+
+    def forget(self) -> None:
+        """Versions were deleted or moved (fade): drop cached lookups. Call under the store lock."""
+        self._vcache = {}
 
     def _read(self, seq: int | None, off: int, n: int, indexed: bool = False) -> bytes:
         return view.read_at(self, seq, off, n, indexed)

@@ -7,6 +7,7 @@ written after S), else the primary's current contents. Contiguous runs are read 
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from .maps import Version
 if TYPE_CHECKING:
     from .store import Req, Store
 
+VCACHE_MAX = 1 << 18  # cached past lookups (about 100 bytes each)
 RANGE_QUERY_MIN = 16  # blocks: from here on one SQL query resolves the whole range
 
 # Per-block state in the store's copy-on-first-write bitmap.
@@ -75,12 +77,26 @@ class Volume:
 
 
 def version_at(store: Store, block: int, seq: int) -> Version | None:
-    """Newest version of `block` at or before `seq`: pending generations, then SQLite."""
+    """Newest version of `block` at or before `seq`: pending generations, then SQLite.
+
+    Answers for points older than the head are cached: later writes come after them and cannot
+    change the answer; a fade that deletes or moves versions clears the cache (store.forget)."""
+    cache = store._vcache
+    key = (block, seq)
+    v = cache.get(key)
+    if v is not None:
+        return v
     for gen in (store._gen, *reversed(store._frozen)):
         v = gen.lookup(block, seq)
         if v is not None:
-            return v
-    return store._db.newest(block, seq)
+            break
+    else:
+        v = store._db.newest(block, seq)
+    if v is not None and seq < store._head:
+        if len(cache) >= VCACHE_MAX:
+            cache.clear()
+        cache[key] = v
+    return v
 
 def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = False) -> bytes:
     store._check_range(off, n)
@@ -89,6 +105,11 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
     if seq is None and not indexed:  # the live volume: what the primary holds once queued writes land
         store._applier.wait(store._head)
         return store._primary.pread(off, n)
+    last = None if indexed else store._last
+    if last is not None:
+        data = _read_unchanged(store, last, seq, off, n)
+        if data is not None:
+            return data
     with store._turn():
         if seq is None or (seq >= store._head and not indexed):
             store._applier.wait(store._head)
@@ -119,11 +140,16 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
                 jcrcs.clear()
 
         lookup = _range_lookup(store, a, e, seq) if e - a >= RANGE_QUERY_MIN else None
+        if last is not None:
+            store._applier.wait(seq)  # blocks unchanged since `seq` are read from the primary
         for b in range(a, e):
-            v = version_at(store, b, seq) if lookup is None else lookup(b)
+            if last is not None and last[b] <= seq:
+                v = None
+            else:
+                v = version_at(store, b, seq) if lookup is None else lookup(b)
             if v is None:
                 flush_journal()
-                if store._state[b] == TOUCHED:
+                if store._state[b] == TOUCHED and (last is None or last[b] > seq):
                     flush_prim()
                     continue  # a hole at the horizon, first written after `seq`
                 if prim_run and prim_run[1] == b:
@@ -148,6 +174,25 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
         flush_journal()
         lo = off - a * bs
         return bytes(out[lo : lo + n])
+
+def _read_unchanged(store: Store, last: array[int], seq: int, off: int, n: int) -> bytes | None:
+    """The fast path of past reads: blocks with no version newer than `seq` hold on the primary
+    what they held at `seq`. Reads the primary without the store lock, then checks that no write
+    to the range was staged meanwhile (staging comes before the primary write); None if any was."""
+    if seq >= store._head or seq < store.horizon:
+        return None  # the slow path says why, or reads pending versions
+    bs = store.block_size
+    a, e = off // bs, -(-(off + n) // bs)
+    if (last[a] if e - a == 1 else max(last[a:e])) > seq:
+        return None
+    store._addressable(seq, f"seq:{seq}")  # a view held across a fade must not read merged data
+    if store._applier.applied < seq:
+        store._applier.wait(seq)
+    data = store._primary.pread(off, n)
+    if (last[a] if e - a == 1 else max(last[a:e])) > seq:
+        return None
+    return data
+
 
 def _read_one_block(store: Store, b: int, seq: int) -> bytes:
     v = version_at(store, b, seq)

@@ -161,6 +161,7 @@ def _remove_versions(store: Store, db: MapDB, check: Callable[[], None],
         check()
         with db.write():
             db.db.executemany("DELETE FROM versions WHERE block=? AND seq=?", doomed[i : i + CHUNK])
+        store.forget()
         removed += len(doomed[i : i + CHUNK])
         yield Progress("merge", removed, len(doomed))
         if throttle:
@@ -199,6 +200,7 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
             ]
             with db.write():
                 db.db.executemany("DELETE FROM versions WHERE block=? AND seq=?", ok)
+            store.forget()
             for b, _ in ok:
                 store._state[b] = UNTOUCHED  # a new baseline is taken on the next overwrite
         released += len(ok)
@@ -234,6 +236,7 @@ def _reclaim(store: Store, db: MapDB, check: Callable[[], None],
         has_marks = live_bytes == 0 and _segment_marks(store, segno, mark_seqs)
         if live_bytes == 0 and not has_marks:
             with store._lock:
+                store.forget()
                 j.close_segment(segno)
                 j.seg_path(segno).unlink(missing_ok=True)
             deleted += 1
@@ -337,6 +340,7 @@ def compact_segment(store: Store, db: MapDB, segno: int, mark_seqs: set[int]) ->
         with db.write():
             db.set_meta("compacting", segno)
             db.db.executemany("UPDATE versions SET loc=? WHERE block=? AND seq=?", moves)
+            store.forget()
         j.close_segment(segno)
         os.rename(new_path, j.seg_path(segno))
         _fsync_dir(j.path)
