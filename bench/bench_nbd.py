@@ -275,6 +275,18 @@ def running(cls: type[Server], root: Path) -> Iterator[Server]:
 
 
 # --- part 1: fio -----------------------------------------------------------------------------
+def settle(s: Server, timeout: float = 30.0) -> None:
+    """Start every measured run from a quiet machine: dirty pages written back and the server
+    idle (a backlog left by the previous run would otherwise be charged to the next one)."""
+    os.sync()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c0 = s.cpu()
+        time.sleep(0.25)
+        if s.cpu() - c0 < 0.01:
+            return
+
+
 def fio_part(root: Path, runtime: float, rounds: int, servers: list[type[Server]]) -> dict[str, dict[str, float]]:
     res: dict[str, dict[str, list[float]]] = {}
 
@@ -284,6 +296,7 @@ def fio_part(root: Path, runtime: float, rounds: int, servers: list[type[Server]
     workloads: list[tuple[str, Callable[[Server], None]]] = []
 
     def measured(s: Server, key: str, uri: str, rw: str, bs: str, qd: int) -> None:
+        settle(s)
         c0, t0 = s.cpu(), time.monotonic()
         r = fio(uri, rw, bs, qd, runtime)
         c1, t1 = s.cpu(), time.monotonic()

@@ -17,7 +17,8 @@ from typing import Any
 import apsw
 
 SCHEMA_VERSION = 2
-CACHE_KIB = 32 << 10  # per connection; SQLite's default 2 MiB misses on every descent past 1M rows
+SORT_ROWS = 4096  # commits with this many version rows insert them sorted
+CACHE_KIB = 64 << 10  # per connection; SQLite's default 2 MiB misses on every descent past 1M rows
 
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -146,7 +147,14 @@ class MapDB:
     ) -> None:
         """Persist one generation of index rows in a single transaction."""
         with self.write():
-            if versions:
+            if len(versions) >= SORT_ROWS:
+                # sorted inserts walk the b-tree in order (a third faster); the sort runs inside
+                # SQLite, without the GIL the writer needs
+                self.db.execute("CREATE TEMP TABLE IF NOT EXISTS pending(block, seq, loc, crc)")
+                self.db.executemany("INSERT INTO temp.pending VALUES(?,?,?,?)", versions)
+                self.db.execute("INSERT OR REPLACE INTO versions SELECT * FROM temp.pending ORDER BY block, seq")
+                self.db.execute("DELETE FROM temp.pending")
+            elif versions:
                 self.db.executemany("INSERT OR REPLACE INTO versions VALUES(?,?,?,?)", versions)
             if records:
                 self.db.executemany("INSERT OR REPLACE INTO records(seq, time, kind, block, count, map_id) VALUES(?,?,?,?,?,?)", records)

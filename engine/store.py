@@ -48,6 +48,8 @@ from .view import HOLE, TOUCHED, UNTOUCHED, Volume
 FORMAT = 1
 MAP_SPAN_NS = 60 * 10**9  # a new delta map at least every minute of writes
 INDEX_BATCH_ROWS = 200_000
+INDEX_COMMIT_ROWS = INDEX_BATCH_ROWS // 2  # the indexer commits at this many pending rows...
+INDEX_MAX_AGE_S = 2.0  # ...or when the oldest has waited this long (the journal has them all)
 SYNC_INTERVAL_S = 1.0  # group commit: appended records become durable within this, or at FLUSH/FUA
 WRITE_RECORD_BYTES = 32 << 20
 LAST_MAX_BLOCKS = 1 << 25  # volumes up to this many blocks keep the last-write array (4 bytes a block)
@@ -80,6 +82,7 @@ class _Gen:
     unmarks: list[str] = field(default_factory=list)
     last_seq: int = 0
     end_pos: tuple[int, int] = (0, 0)
+    born: float = field(default_factory=time.monotonic)
     nindexed: int = 0  # versions[:nindexed] are in `blocks` (built lazily: reads are rarer than writes)
 
     def lookup(self, block: int, seq: int) -> Version | None:
@@ -494,12 +497,22 @@ class Store:
         while self._indexed_seq < target and self._index_once():
             pass
 
+    def _index_due(self) -> bool:
+        """Commit in big transactions: each one rewrites every b-tree page it touches, so a few
+        thousand random rows cost nearly as much as a hundred thousand. Small trickles wait."""
+        with self._lock:
+            g = self._gen
+            if self._frozen or len(g.versions) >= INDEX_COMMIT_ROWS or g.marks or g.unmarks:
+                return True
+            return not g.empty() and time.monotonic() - g.born >= INDEX_MAX_AGE_S
+
     def _index_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(0.25)
             self._wake.clear()
             try:
-                self._index_once()
+                if self._index_due():
+                    self._index_once()
                 if self._dirty and time.monotonic() - self._last_sync >= SYNC_INTERVAL_S and not self._closed:
                     self.flush()
             except Exception as e:  # never die silently: tell the console
@@ -717,7 +730,7 @@ class Store:
             self._wake.set()
 
     def _wake_indexer(self) -> None:
-        if len(self._gen.versions) >= INDEX_BATCH_ROWS // 4:
+        if len(self._gen.versions) >= INDEX_COMMIT_ROWS:
             self._wake.set()
 
     def journal_external(self, off: int, data: bytes, old: bytes) -> None:
