@@ -9,6 +9,7 @@ from it, and `meta.indexed_*` says how far the index has got.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,17 @@ class MapDB:
             "SELECT v.block, v.seq, v.loc, v.crc FROM r JOIN versions v ON v.block = r.b AND v.seq = "
             "(SELECT max(seq) FROM versions WHERE block = r.b AND seq <= ?)",
             (b0, b1, seq),
+        ):
+            out[int(b)] = (int(s), int(loc), int(crc))
+        return out
+
+    def newest_many(self, blocks: list[int], seq: int) -> dict[int, Version]:
+        """newest() for a list of blocks in one statement (two index probes each, inside SQLite)."""
+        out: dict[int, Version] = {}
+        for b, s, loc, crc in self.db.execute(
+            "SELECT v.block, v.seq, v.loc, v.crc FROM json_each(?) j JOIN versions v ON v.block = j.value"
+            " AND v.seq = (SELECT max(seq) FROM versions WHERE block = j.value AND seq <= ?)",
+            (json.dumps(blocks), seq),
         ):
             out[int(b)] = (int(s), int(loc), int(crc))
         return out

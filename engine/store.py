@@ -36,6 +36,7 @@ from .journal.record import (
     Kind,
     block_crcs,
     encode_header,
+    encode_one_block,
     pack_table,
 )
 from .journal.segments import Journal, TornTail, make_loc, segment_name, zero_loc
@@ -46,12 +47,15 @@ from .retention import DEFAULT_POLICY, Policy
 from .view import HOLE, TOUCHED, UNTOUCHED, Volume
 
 FORMAT = 1
+# record kinds as plain ints: comparing with an IntEnum member costs six times more on the hot path
+K_WRITE, K_BASELINE, K_ZERO, K_MARK, K_UNMARK = (int(k) for k in (Kind.WRITE, Kind.BASELINE, Kind.ZERO, Kind.MARK, Kind.UNMARK))
 MAP_SPAN_NS = 60 * 10**9  # a new delta map at least every minute of writes
 INDEX_BATCH_ROWS = 200_000
 INDEX_COMMIT_ROWS = INDEX_BATCH_ROWS // 2  # the indexer commits at this many pending rows...
 INDEX_MAX_AGE_S = 2.0  # ...or when the oldest has waited this long (the journal has them all)
 SYNC_INTERVAL_S = 1.0  # group commit: appended records become durable within this, or at FLUSH/FUA
 WRITE_RECORD_BYTES = 32 << 20
+_HOLE_BYTE = bytes([HOLE])
 LAST_MAX_BLOCKS = 1 << 25  # volumes up to this many blocks keep the last-write array (4 bytes a block)
 LAST_NONE = 0xFFFFFFFF  # in the last-write array: unknown (a seq too big for 32 bits), ask the index
 assert WRITE_RECORD_BYTES <= MAX_RECORD_BYTES
@@ -310,27 +314,27 @@ class Store:
                     continue  # already indexed
                 self._head = max(self._head, h.seq)
                 self._last_time = max(self._last_time, h.time_ns)
-                if h.kind in (Kind.WRITE, Kind.BASELINE):
-                    key = h.aux if h.kind == Kind.BASELINE else h.seq
+                if h.kind in (K_WRITE, K_BASELINE):
+                    key = h.aux if h.kind == K_BASELINE else h.seq
                     loc0 = make_loc(rec.segno, rec.data_off)
                     gen.versions.extend(
                         zip(range(h.block, h.block + h.count), repeat(key), range(loc0, loc0 + h.count * bs, bs), rec.crcs)
                     )
-                    if h.kind == Kind.WRITE and not rebuild:
+                    if h.kind == K_WRITE and not rebuild:
                         data = self.journal.pread(make_loc(rec.segno, rec.data_off), h.count * bs)
                         self._primary.pwrite(h.block * bs, data)
                         redo += 1
-                elif h.kind == Kind.ZERO:
+                elif h.kind == K_ZERO:
                     zl = zero_loc(rec.segno, rec.offset)
                     gen.versions.extend(zip(range(h.block, h.block + h.count), repeat(h.seq), repeat(zl), repeat(0)))
                     if not rebuild:
                         self._primary.zero(h.block * bs, h.count * bs)
                         redo += 1
-                if h.kind != Kind.BASELINE:
+                if h.kind != K_BASELINE:
                     self._add_record(gen, h.seq, h.time_ns, int(h.kind), h.block, h.count)
-                if h.kind == Kind.MARK:
+                if h.kind == K_MARK:
                     gen.marks.append((rec.name, h.seq, h.time_ns, 0))
-                elif h.kind == Kind.UNMARK:
+                elif h.kind == K_UNMARK:
                     gen.unmarks.append(rec.name)
                 gen.last_seq = h.seq
                 gen.end_pos = (rec.segno, rec.end)
@@ -433,7 +437,7 @@ class Store:
             self._map_first = (seq, t)
             self._mark_pending_roll = False
         gen.records.append((seq, t, int(kind), block, count, self._map_id))
-        if kind == Kind.MARK:
+        if kind == K_MARK:
             self._mark_pending_roll = True
 
     def _commit(self, gen: _Gen) -> None:
@@ -444,7 +448,7 @@ class Store:
         stats: dict[int, list[int]] = {}
         for seq, t, kind, _block, count, mid in gen.records:
             m = maps.get(mid)
-            n = 0 if kind == Kind.MARK else count
+            n = 0 if kind == K_MARK else count
             maps[mid] = (seq, seq, t, t, "live", n) if m is None else (m[0], seq, m[2], t, "live", m[5] + n)
             if n:
                 st = stats.get(t // 10**9)
@@ -624,8 +628,14 @@ class Store:
     def _stage_baselines(self, batch: _Batch, b0: int, count: int, old: memoryview | None = None) -> None:
         """Copy-on-first-write: journal the horizon contents of blocks about to change."""
         st = self._state
-        if count == 1 and st[b0] == TOUCHED:
-            return
+        if count == 1:
+            s0 = st[b0]
+            if s0 == TOUCHED:
+                return
+            if s0 == HOLE and old is None:  # a hole's horizon contents are zeros: nothing to keep
+                batch.undo.append((b0, _HOLE_BYTE))
+                st[b0] = TOUCHED
+                return
         bs = self.block_size
         seg = st[b0 : b0 + count]
         if UNTOUCHED not in seg and HOLE not in seg:
@@ -646,7 +656,7 @@ class Store:
             else:
                 data = old[i * bs : j * bs]
             seq, t = self._next()
-            batch.add(Kind.BASELINE, seq, t, b0 + i, j - i, data, aux=horizon, bs=bs)
+            batch.add(K_BASELINE, seq, t, b0 + i, j - i, data, aux=horizon, bs=bs)
             i = j
         batch.undo.append((b0, bytes(seg)))
         st[b0 : b0 + count] = bytes([TOUCHED]) * count
@@ -655,11 +665,17 @@ class Store:
         bs = self.block_size
         count = len(data) // bs
         self._stage_baselines(batch, b0, count)
+        if count == 1:
+            seq, t = self._next()
+            batch.add(K_WRITE, seq, t, b0, 1, data, bs=bs)
+            if primary:
+                batch.prim.append((len(batch.recs) - 1, b0 * bs, bs, data))
+            return
         step = WRITE_RECORD_BYTES // bs
         for i in range(0, count, step):
             k = min(step, count - i)
             seq, t = self._next()
-            batch.add(Kind.WRITE, seq, t, b0 + i, k, data[i * bs : (i + k) * bs], bs=bs)
+            batch.add(K_WRITE, seq, t, b0 + i, k, data[i * bs : (i + k) * bs], bs=bs)
             if primary:
                 batch.prim.append((len(batch.recs) - 1, (b0 + i) * bs, k * bs, data[i * bs : (i + k) * bs]))
 
@@ -669,7 +685,7 @@ class Store:
             return  # zeros over untouched holes change nothing: no history, no I/O
         self._stage_baselines(batch, b0, count)
         seq, t = self._next()
-        batch.add(Kind.ZERO, seq, t, b0, count, None, bs=self.block_size)
+        batch.add(K_ZERO, seq, t, b0, count, None, bs=self.block_size)
         batch.prim.append((-1, b0 * self.block_size, count * self.block_size, None))
 
     def _apply(self, batch: _Batch) -> None:
@@ -690,39 +706,61 @@ class Store:
         gen = self._gen
         base = make_loc(segno, start + HEADER_SIZE)
         versions = gen.versions
+        vappend = versions.append
+        rappend = gen.records.append
         last = self._last
+        # records of the current delta map go straight in; a map roll (or a mark) takes the
+        # general path through _add_record
+        fast_map = not self._mark_pending_roll and self._map_id != 0
+        map_id, map_t0 = self._map_id, self._map_first[1]
         for kind, seq, t, b0, count, rel, crcs, aux in batch.recs:
-            if last is not None and kind != Kind.BASELINE and kind != Kind.MARK:
+            if kind == K_WRITE and count == 1:
+                if last is not None:
+                    last[b0] = seq if seq < LAST_NONE else LAST_NONE
+                vappend((b0, seq, base + rel + 4, crcs[0]))
+                if fast_map and t - map_t0 < MAP_SPAN_NS:
+                    rappend((seq, t, K_WRITE, b0, 1, map_id))
+                else:
+                    self._add_record(gen, seq, t, kind, b0, 1)
+                    fast_map = not self._mark_pending_roll
+                    map_id, map_t0 = self._map_id, self._map_first[1]
+                continue
+            if last is not None and kind != K_BASELINE and kind != K_MARK:
                 s32 = seq if seq < LAST_NONE else LAST_NONE
                 if count == 1:
                     last[b0] = s32
                 else:
                     last[b0 : b0 + count] = array("I", (s32,)) * count
-            if kind == Kind.ZERO:
+            if kind == K_ZERO:
                 zl = zero_loc(segno, start + rel)
                 versions.extend(zip(range(b0, b0 + count), repeat(seq), repeat(zl), repeat(0)))
-            elif kind == Kind.MARK:
+            elif kind == K_MARK:
                 pass
             elif count == 1:
-                versions.append((b0, aux if kind == Kind.BASELINE else seq, base + rel + 4, crcs[0]))
+                versions.append((b0, aux if kind == K_BASELINE else seq, base + rel + 4, crcs[0]))
             else:
                 loc0 = base + rel + 4 * count
-                key = aux if kind == Kind.BASELINE else seq
+                key = aux if kind == K_BASELINE else seq
                 versions.extend(zip(range(b0, b0 + count), repeat(key), range(loc0, loc0 + count * bs, bs), crcs))
-            if kind != Kind.BASELINE:
+            if kind != K_BASELINE:
                 self._add_record(gen, seq, t, kind, b0, count)
-            gen.last_seq = seq
+                fast_map = not self._mark_pending_roll
+                map_id, map_t0 = self._map_id, self._map_first[1]
+        gen.last_seq = batch.recs[-1][1]
         gen.end_pos = (segno, start + batch.nbytes)
         if batch.prim:
             ops: list[Op] = []
+            oappend = ops.append
             nbytes = 0
+            recs = batch.recs
+            small_max, w, z = applier.SMALL, applier.WRITE, applier.ZERO
             for idx, poff, n, data in batch.prim:
                 if idx < 0:
-                    ops.append((applier.ZERO, 0, 0, poff, n, None))
+                    oappend((z, 0, 0, poff, n, None))
                 else:
-                    rel, count = batch.recs[idx][5], batch.recs[idx][4]
-                    small = bytes(data) if n <= applier.SMALL and data is not None else None
-                    ops.append((applier.WRITE, segno, start + rel + HEADER_SIZE + 4 * count, poff, n, small))
+                    r = recs[idx]
+                    small = bytes(data) if n <= small_max and data is not None else None
+                    oappend((w, segno, start + r[5] + HEADER_SIZE + 4 * r[4], poff, n, small))
                     nbytes += n
             self._applier.submit(gen.last_seq, ops, nbytes)
         batch.clear()
@@ -875,7 +913,7 @@ class Store:
             raw = name.encode()
             seq, t = self._next()
             batch = _Batch()
-            batch.add(Kind.MARK, seq, t, 0, 0, memoryview(raw), bs=self.block_size)
+            batch.add(K_MARK, seq, t, 0, 0, memoryview(raw), bs=self.block_size)
             self._apply(batch)
             self._gen.marks.append((name, seq, t, int(pinned)))
             if pinned:
@@ -1118,7 +1156,7 @@ class _Batch:
     def __init__(self) -> None:
         self.pieces: list[bytes | bytearray | memoryview] = []
         self.nbytes = 0
-        self.recs: list[tuple[Kind, int, int, int, int, int, list[int], int]] = []
+        self.recs: list[tuple[int, int, int, int, int, int, list[int], int]] = []
         # (record index or -1 for zero, primary offset, length, data of the record or None)
         self.prim: list[tuple[int, int, int, memoryview | None]] = []
         self.undo: list[tuple[int, bytes]] = []  # (first block, bitmap bytes before staging)
@@ -1131,11 +1169,18 @@ class _Batch:
         self.prim.clear()
 
     def add(
-        self, kind: Kind, seq: int, t: int, block: int, count: int, data: memoryview | None, *, bs: int, aux: int = 0
+        self, kind: int, seq: int, t: int, block: int, count: int, data: memoryview | None, *, bs: int, aux: int = 0
     ) -> None:
         rel = self.nbytes
         crcs: list[int] = []
-        if kind in (Kind.WRITE, Kind.BASELINE):
+        if count == 1 and (kind == K_WRITE or kind == K_BASELINE):
+            assert data is not None
+            head, crc = encode_one_block(kind, seq, t, block, aux, data)
+            self.pieces += (head, data)
+            self.nbytes += len(head) + bs
+            self.recs.append((kind, seq, t, block, 1, rel, [crc], aux))
+            return
+        if kind in (K_WRITE, K_BASELINE):
             assert data is not None
             crcs = block_crcs(data, bs)
             table = pack_table(crcs)
@@ -1143,7 +1188,7 @@ class _Batch:
             head = encode_header(kind, seq, t, block, count, len(table) + n, aux, table) + table
             self.pieces += (head, data)
             self.nbytes += len(head) + n
-        elif kind == Kind.ZERO:
+        elif kind == K_ZERO:
             hdr = encode_header(kind, seq, t, block, count, 0, aux, b"")
             self.pieces.append(hdr)
             self.nbytes += len(hdr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import PointError, ReadOnlyError
 from .journal.record import crc32c, zero_crc
@@ -47,6 +47,12 @@ class Volume:
 
     def read(self, off: int, n: int) -> bytes:
         return self._store._read(self._seq, off, n)
+
+    def read_many(self, reqs: list[tuple[int, int]]) -> list[bytes | Exception]:
+        """Several reads at once (a front end's queue): the data, or the error, of each."""
+        if self._seq is None:
+            return [_guarded(read_at, self._store, None, off, n) for off, n in reqs]
+        return read_many(self._store, self._seq, reqs)
 
     def _rw(self) -> None:
         if self.readonly:
@@ -106,7 +112,7 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
         store._applier.wait(store._head)
         return store._primary.pread(off, n)
     last = None if indexed else store._last
-    if last is not None:
+    if last is not None and seq is not None:
         data = _read_unchanged(store, last, seq, off, n)
         if data is not None:
             return data
@@ -194,14 +200,116 @@ def _read_unchanged(store: Store, last: array[int], seq: int, off: int, n: int) 
     return data
 
 
-def _read_one_block(store: Store, b: int, seq: int) -> bytes:
-    v = version_at(store, b, seq)
+def _guarded(fn: Callable[..., bytes], *args: Any) -> bytes | Exception:
+    try:
+        return fn(*args)
+    except Exception as e:  # reported per request: one bad block must not fail its neighbours
+        return e
+
+
+def read_many(store: Store, seq: int, reqs: list[tuple[int, int]]) -> list[bytes | Exception]:
+    """Reads of one past point: unchanged blocks from the primary; the single-block reads left
+    are looked up together (one SQL statement for all, not one each), the rest one by one."""
+    out: list[bytes | Exception | None] = [None] * len(reqs)
+    last = store._last
+    if seq >= store._head or seq < store.horizon:
+        last = None  # read_at says why, or reads pending versions
+    else:
+        try:
+            store._addressable(seq, f"seq:{seq}")
+        except Exception as exc:
+            return [exc] * len(reqs)
+    bs = store.block_size
+    size = store.size
+    pread = store._primary.pread
+    applier = store._applier
+    singles: list[int] = []
+    for i, (off, n) in enumerate(reqs):
+        if n <= 0 or off < 0 or off + n > size:
+            out[i] = _guarded(read_at, store, seq, off, n)  # the error, or b""
+            continue
+        a, e = off // bs, (off + n - 1) // bs + 1
+        if last is not None and (last[a] if e - a == 1 else max(last[a:e])) <= seq:
+            # unchanged since `seq`: the primary holds it (see _read_unchanged)
+            if applier.applied < seq:
+                applier.wait(seq)
+            try:
+                data = pread(off, n)
+            except Exception as exc:
+                out[i] = exc
+                continue
+            if (last[a] if e - a == 1 else max(last[a:e])) <= seq:
+                out[i] = data
+                continue
+        if e - a == 1 and last is not None:
+            singles.append(i)
+        else:
+            out[i] = _guarded(read_at, store, seq, off, n)
+    if len(singles) == 1:
+        i = singles[0]
+        out[i] = _guarded(read_at, store, seq, *reqs[i])
+    elif singles:
+        try:
+            with store._turn():
+                if seq < store.horizon:
+                    raise PointError(f"seq:{seq} is older than the horizon")
+                store._addressable(seq, f"seq:{seq}")
+                blocks = sorted({reqs[i][0] // bs for i in singles})
+                found = _versions_many(store, blocks, seq)
+                for i in singles:
+                    off, n = reqs[i]
+                    b = off // bs
+                    try:
+                        data = _block_data(store, b, found.get(b))
+                    except Exception as e:
+                        out[i] = e
+                    else:
+                        out[i] = data[off - b * bs : off - b * bs + n]
+        except Exception as e:
+            for i in singles:
+                if out[i] is None:
+                    out[i] = e
+    return out  # type: ignore[return-value]
+
+
+def _versions_many(store: Store, blocks: list[int], seq: int) -> dict[int, Version]:
+    """version_at for many blocks: cache and pending generations first, then one SQL query."""
+    cache = store._vcache
+    found: dict[int, Version] = {}
+    ask: list[int] = []
+    gens = (store._gen, *reversed(store._frozen))
+    for b in blocks:
+        v = cache.get((b, seq))
+        if v is None:
+            for gen in gens:
+                v = gen.lookup(b, seq)
+                if v is not None:
+                    break
+        if v is None:
+            ask.append(b)
+        else:
+            found[b] = v
+    if ask:
+        got = store._db.newest_many(ask, seq)
+        found.update(got)
+        if len(cache) + len(got) > VCACHE_MAX:
+            cache.clear()
+        cache.update(((b, seq), v) for b, v in got.items())
+    return found
+
+
+def _block_data(store: Store, b: int, v: Version | None) -> bytes:
+    """Block b's contents given its version at the point (None: it has none there)."""
     bs = store.block_size
     if v is None:
         return bytes(bs) if store._state[b] == TOUCHED else store._primary.pread(b * bs, bs)
     if v[1] < 0:
         return bytes(bs)
     return store.journal.read_block(v[1], v[2])
+
+
+def _read_one_block(store: Store, b: int, seq: int) -> bytes:
+    return _block_data(store, b, version_at(store, b, seq))
 
 
 def _range_lookup(store: Store, a: int, e: int, seq: int) -> Callable[[int], Version | None]:

@@ -84,11 +84,20 @@ def payload_len(kind: Kind, count: int, block_size: int, name_len: int = 0) -> i
 
 
 def encode_header(
-    kind: Kind, seq: int, time_ns: int, block: int, count: int, paylen: int, aux: int, covered: bytes
+    kind: int, seq: int, time_ns: int, block: int, count: int, paylen: int, aux: int, covered: bytes
 ) -> bytes:
     """Pack a header whose crc covers the header fields and `covered` (crc table or mark name)."""
     raw = _HEAD48.pack(MAGIC, int(kind), 0, HEADER_SIZE, seq, time_ns, block, count, paylen, aux)
     return raw + _TAIL.pack(crc32c(covered, crc32c(raw)), 0)
+
+
+def encode_one_block(kind: int, seq: int, time_ns: int, block: int, aux: int, data: bytes | memoryview) -> tuple[bytes, int]:
+    """Header and crc table of a one-block WRITE or BASELINE record, and the block's crc (the
+    hot path of 4 KiB writes: encode_header + block_crcs + pack_table in one call)."""
+    crc = crc32c(data)
+    table = _ONE.pack(crc)
+    raw = _HEAD48.pack(MAGIC, kind, 0, HEADER_SIZE, seq, time_ns, block, 1, 4 + len(data), aux)
+    return raw + _TAIL.pack(crc32c(table, crc32c(raw)), 0) + table, crc
 
 
 def block_crcs(data: bytes | bytearray | memoryview, block_size: int) -> list[int]:

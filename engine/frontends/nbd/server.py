@@ -86,7 +86,7 @@ class UnknownExport(Exception):
 class Export:
     """What one connection reads and writes after OPT_GO: the live volume or a past point."""
 
-    __slots__ = ("name", "vol", "live", "readonly", "size", "flags", "description")
+    __slots__ = ("name", "vol", "live", "readonly", "size", "flags", "description", "batch_reads")
 
     def __init__(self, name: str, vol: Readable, live: LiveVolume | None, description: str) -> None:
         self.name = name
@@ -96,6 +96,7 @@ class Export:
         self.size = int(vol.size)
         self.flags = PAST_FLAGS if live is None else LIVE_FLAGS
         self.description = description
+        self.batch_reads = self.readonly and hasattr(vol, "read_many")
 
 
 def open_export(store: StoreLike, name: str) -> Export:
@@ -172,6 +173,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._pending: list[WriteReq] = []
         self._pending_cookies: list[int] = []
         self._pending_fua = False
+        self._reads: list[tuple[int, int, int]] = []  # (offset, length, cookie) of a past export
         self.peer = "?"
 
     # asyncio callbacks
@@ -438,10 +440,14 @@ class NbdConnection(asyncio.BufferedProtocol):
             magic, flags, cmd, cookie, off, length = unpack(buf, start)
             if magic != P.REQUEST_MAGIC:
                 log.info("NBD client %s: bad request magic %#x: dropped", self.peer, magic)
+                if self._reads:
+                    self._apply_reads()
                 self._apply_pending()
                 self._close_after_send()
                 return
             err = 0
+            if self._reads and cmd != P.CMD_READ:
+                self._apply_reads()
             if cmd == P.CMD_WRITE:
                 if length > P.MAX_PAYLOAD:  # do not buffer it: discard as it arrives
                     self._start = start + _HDR
@@ -488,6 +494,10 @@ class NbdConnection(asyncio.BufferedProtocol):
                 else:
                     if pending:
                         self._apply_pending()
+                    if ex.batch_reads and length:  # a past point: looked up together (see _apply_reads)
+                        self._reads.append((off, length, cookie))
+                        self._out_bytes += length
+                        continue
                     try:
                         got = ex.vol.read(off, length) if length else b""
                     except Exception as e:
@@ -516,6 +526,26 @@ class NbdConnection(asyncio.BufferedProtocol):
             out.append(pack(P.SIMPLE_REPLY_MAGIC, err, cookie))
         if pending:
             self._apply_pending()
+        if self._reads:
+            self._apply_reads()
+
+    def _apply_reads(self) -> None:
+        """Answer the queued reads of a past export with one read_many, in order."""
+        reads = self._reads
+        ex = self.export
+        assert ex is not None
+        got = ex.vol.read_many([(off, n) for off, n, _ in reads])  # type: ignore[attr-defined]
+        pack, magic, out = _REPLY.pack, P.SIMPLE_REPLY_MAGIC, self._out
+        for (off, n, cookie), data in zip(reads, got, strict=True):
+            if isinstance(data, Exception):
+                out.append(pack(magic, errno_for(data), cookie))
+            elif len(data) != n:
+                log.error("engine read returned %d bytes for %d at %d", len(data), n, off)
+                out.append(pack(magic, P.EIO, cookie))
+            else:
+                out.append(pack(magic, 0, cookie))
+                out.append(data)
+        reads.clear()
 
     def _apply_pending(self) -> None:
         """One write_many for the queued write/zero/trim requests, then their replies."""
