@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                      "engine": "  engine alone (no FUSE)", "nullfuse": "  FUSE alone (null volume)"}
             for key, buf, syn in rows:
                 print(f"{names[key]:<34}{buf:>14.0f}{buf / plain[1]:>9.2f}{syn:>17.0f}{syn / plain[2]:>9.2f}")
-            print("(live.img's buffered run is durable too: close() on the view flushes the journal and "
-                  "primary, so compare it with the fdatasync column)")
+            print("(live.img's buffered run is durable too: close() on the view syncs the journal, "
+                  "so compare it with the fdatasync column)")
             live = {r[0]: r for r in rows}["live"]
             r_buf, r_sync = live[1] / plain[1], live[2] / plain[2]
             met = r_sync >= 0.5

@@ -266,7 +266,7 @@ class Store:
         self._wake.set()
         self._indexer.join()
         try:
-            self.flush()
+            self.flush(primary=True)
             try:
                 self._index_sync()
             except NoSpace as e:  # the journal holds everything; the next open indexes it
@@ -487,6 +487,7 @@ class Store:
                     self._gen = _Gen()
                     self._frozen.append(gen)
             self._applier.wait(gen.last_seq)  # indexed records must be on the primary (redo covers the rest)
+            self._sync_for_index()
             self._commit(gen)
             with self._lock:
                 self._frozen.remove(gen)
@@ -800,8 +801,13 @@ class Store:
             _write_json(self.dir / "store.json", self.meta)
             self._build_state()
 
-    def flush(self) -> None:
-        """Make every write so far durable in journal and primary (NBD FLUSH, FUA, fsync).
+    def flush(self, primary: bool = False) -> None:
+        """Make every write so far durable (NBD FLUSH, FUA, fsync): the journal makes it so.
+
+        Like a database's log: recovery redoes onto the primary every record past the index,
+        and the indexer syncs the primary before each commit (_sync_for_index), so a FLUSH
+        writes the data to disk once, not twice. `primary=True` syncs the primary too (close,
+        rewind: the image must be whole on its own afterwards).
 
         Group commit: the fsyncs run outside the store's lock, so writers go on meanwhile, and one
         flush covers every write that came before it.
@@ -810,10 +816,21 @@ class Store:
             head = self._head
             fds = self.journal.take_dirty()
             self._dirty = False
-        self._applier.wait(head)
+        self.journal.sync_fds(fds)
+        if primary:
+            self._applier.wait(head)
+            self._primary.sync()
+        else:
+            self._applier.check()  # a failed primary write is reported, never hidden by a flush
+        self._last_sync = time.monotonic()
+
+    def _sync_for_index(self) -> None:
+        """Before an index commit: the journal records it indexes, and their primary writes, on
+        disk. Records past the index are redone at open; those before it never are."""
+        with self._lock:
+            fds = self.journal.take_dirty()
         self.journal.sync_fds(fds)
         self._primary.sync()
-        self._last_sync = time.monotonic()
 
     # read path ---------------------------------------------------------------------------
     def _version(self, block: int, seq: int) -> Version | None:

@@ -10,7 +10,7 @@ Most desktop programs (and the loop driver) only know files. Mounted at MNT:
 
 The size of the files is the volume's size and cannot change (like a block device): truncate to
 any other size fails with EPERM, so write with `dd conv=notrunc`. fsync and close (flush) make the
-journal and primary durable. Reads use the kernel page cache (no direct_io); past points are
+writes durable (in the journal; the primary follows at the next index commit). Reads use the kernel page cache (no direct_io); past points are
 immutable so their cache is kept across opens.
 """
 

@@ -44,7 +44,7 @@ def rewind_job(store: Store, seq: int) -> Job:
                 store._write_many([("write", s * bs, data)], False)
             done += e - s
             yield Progress("rewind", done, len(blocks))
-        store.flush()
+        store.flush(primary=True)
         store._emit("rewind", {"mark": name, "to_seq": seq, "blocks": len(blocks)})
         return name
 
