@@ -53,6 +53,7 @@ MAP_SPAN_NS = 60 * 10**9  # a new delta map at least every minute of writes
 INDEX_BATCH_ROWS = 200_000
 INDEX_COMMIT_ROWS = INDEX_BATCH_ROWS // 2  # the indexer commits at this many pending rows...
 INDEX_MAX_AGE_S = 2.0  # ...or when the oldest has waited this long (the journal has them all)
+INDEX_MAX_PENDING = 1_000_000  # rows not yet committed before writers wait for the indexer
 SYNC_INTERVAL_S = 1.0  # group commit: appended records become durable within this, or at FLUSH/FUA
 WRITE_RECORD_BYTES = 32 << 20
 _HOLE_BYTE = bytes([HOLE])
@@ -507,7 +508,7 @@ class Store:
         thousand random rows cost nearly as much as a hundred thousand. Small trickles wait."""
         with self._lock:
             g = self._gen
-            if self._frozen or len(g.versions) >= INDEX_COMMIT_ROWS or g.marks or g.unmarks:
+            if self._frozen or len(g.versions) >= min(INDEX_COMMIT_ROWS, INDEX_MAX_PENDING // 2) or g.marks or g.unmarks:
                 return True
             return not g.empty() and time.monotonic() - g.born >= INDEX_MAX_AGE_S
 
@@ -571,6 +572,8 @@ class Store:
         bs = self.block_size
         while self._waiting:  # let a fade, an export or a preview have its turn
             time.sleep(0.0002)
+        if len(self._gen.versions) + sum(len(g.versions) for g in self._frozen) > INDEX_MAX_PENDING:
+            self._wait_for_indexer()
         with self._lock:
             if self._closed:
                 raise RewindError("the store is closed")
@@ -610,6 +613,18 @@ class Store:
         if fua:
             self.flush()
         self._wake_indexer()
+
+    def _wait_for_indexer(self) -> None:
+        """Back-pressure: a writer faster than the indexer waits for it (for a while), so the rows
+        held in memory, and the journal tail an open would have to redo, stay bounded."""
+        self._wake.set()
+        deadline = time.monotonic() + 10.0  # an index that cannot commit (full disk) must not hang writes
+        while (
+            len(self._gen.versions) + sum(len(g.versions) for g in self._frozen) > INDEX_MAX_PENDING // 2
+            and time.monotonic() < deadline
+            and not self._closed
+        ):
+            time.sleep(0.005)
 
     def _write_unaligned(self, batch: _Batch, off: int, data: bytes | memoryview) -> None:
         """Read-modify-write the whole blocks around `data`, within the same batch: the blocks'

@@ -146,10 +146,10 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
                 jcrcs.clear()
 
         lookup = _range_lookup(store, a, e, seq) if e - a >= RANGE_QUERY_MIN else None
-        if last is not None:
-            store._applier.wait(seq)  # blocks unchanged since `seq` are read from the primary
         for b in range(a, e):
             if last is not None and last[b] <= seq:
+                if last[b] > store._applier.applied:  # read from the primary once its last write landed
+                    store._applier.wait(last[b])
                 v = None
             else:
                 v = version_at(store, b, seq) if lookup is None else lookup(b)
@@ -189,11 +189,12 @@ def _read_unchanged(store: Store, last: array[int], seq: int, off: int, n: int) 
         return None  # the slow path says why, or reads pending versions
     bs = store.block_size
     a, e = off // bs, -(-(off + n) // bs)
-    if (last[a] if e - a == 1 else max(last[a:e])) > seq:
+    newest = last[a] if e - a == 1 else max(last[a:e])
+    if newest > seq:
         return None
     store._addressable(seq, f"seq:{seq}")  # a view held across a fade must not read merged data
-    if store._applier.applied < seq:
-        store._applier.wait(seq)
+    if store._applier.applied < newest:  # the primary holds the blocks once their last write lands
+        store._applier.wait(newest)
     data = store._primary.pread(off, n)
     if (last[a] if e - a == 1 else max(last[a:e])) > seq:
         return None
@@ -229,10 +230,11 @@ def read_many(store: Store, seq: int, reqs: list[tuple[int, int]]) -> list[bytes
             out[i] = _guarded(read_at, store, seq, off, n)  # the error, or b""
             continue
         a, e = off // bs, (off + n - 1) // bs + 1
-        if last is not None and (last[a] if e - a == 1 else max(last[a:e])) <= seq:
-            # unchanged since `seq`: the primary holds it (see _read_unchanged)
-            if applier.applied < seq:
-                applier.wait(seq)
+        newest = 0 if last is None else last[a] if e - a == 1 else max(last[a:e])
+        if last is not None and newest <= seq:
+            # unchanged since `seq`: the primary holds it once its last write lands (_read_unchanged)
+            if applier.applied < newest:
+                applier.wait(newest)
             try:
                 data = pread(off, n)
             except Exception as exc:
