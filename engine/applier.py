@@ -61,11 +61,6 @@ class Applier:
                 self._cv.wait()
             self._raise()
 
-    def check(self) -> None:
-        """Raise the error of a failed primary write, if there was one (without waiting)."""
-        with self._cv:
-            self._raise()
-
     def close(self) -> None:
         with self._cv:
             self._stop = True

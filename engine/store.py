@@ -832,11 +832,11 @@ class Store:
             fds = self.journal.take_dirty()
             self._dirty = False
         self.journal.sync_fds(fds)
+        # the primary file reads every write after a flush (page cache), and a failed primary
+        # write is reported here, never hidden behind a good flush
+        self._applier.wait(head)
         if primary:
-            self._applier.wait(head)
             self._primary.sync()
-        else:
-            self._applier.check()  # a failed primary write is reported, never hidden by a flush
         self._last_sync = time.monotonic()
 
     def _sync_for_index(self) -> None:
