@@ -415,20 +415,21 @@ class Store:
                 b0, b1 = -(-a // bs), e // bs
                 if b1 > b0:
                     st[b0:b1] = bytes([HOLE]) * (b1 - b0)
-        last = array("I", bytes(4 * self.nblocks)) if self.nblocks <= LAST_MAX_BLOCKS else None
+        # last[b] is the seq of b's newest version: a past point at or after it reads b from the
+        # primary, like the live volume (a watched primary may hold changes not journaled yet)
+        last = array("I", bytes(4 * self.nblocks)) if not watch and self.nblocks <= LAST_MAX_BLOCKS else None
         for b, s in self._db.touched_blocks():
             if 0 <= b < self.nblocks:
                 st[b] = TOUCHED
                 if last is not None:
                     last[b] = max(last[b], min(s, LAST_NONE))
-        for gen in (*self._frozen, self._gen):  # recovered rows not yet committed
-            for b, s, _loc, _crc in gen.versions:
-                if last is not None and 0 <= b < self.nblocks:
-                    last[b] = max(last[b], min(s, LAST_NONE))
+        if last is not None:
+            for gen in (*self._frozen, self._gen):  # recovered rows not yet committed
+                for b, s, _loc, _crc in gen.versions:
+                    if 0 <= b < self.nblocks:
+                        last[b] = max(last[b], min(s, LAST_NONE))
         self._state = st
-        # last[b] is the seq of b's newest version: a past point at or after it reads b from the
-        # primary, like the live volume (a watched primary may hold changes not journaled yet)
-        self._last = None if watch else last
+        self._last = last
 
     # index generations -------------------------------------------------------------------
     def _add_record(self, gen: _Gen, seq: int, t: int, kind: int, block: int, count: int) -> None:
@@ -572,7 +573,7 @@ class Store:
         bs = self.block_size
         while self._waiting:  # let a fade, an export or a preview have its turn
             time.sleep(0.0002)
-        if len(self._gen.versions) + sum(len(g.versions) for g in self._frozen) > INDEX_MAX_PENDING:
+        if self._pending_rows() > INDEX_MAX_PENDING:
             self._wait_for_indexer()
         with self._lock:
             if self._closed:
@@ -619,12 +620,12 @@ class Store:
         held in memory, and the journal tail an open would have to redo, stay bounded."""
         self._wake.set()
         deadline = time.monotonic() + 10.0  # an index that cannot commit (full disk) must not hang writes
-        while (
-            len(self._gen.versions) + sum(len(g.versions) for g in self._frozen) > INDEX_MAX_PENDING // 2
-            and time.monotonic() < deadline
-            and not self._closed
-        ):
+        while self._pending_rows() > INDEX_MAX_PENDING // 2 and time.monotonic() < deadline and not self._closed:
             time.sleep(0.005)
+
+    def _pending_rows(self) -> int:
+        """Version rows journaled but not yet committed to the index."""
+        return len(self._gen.versions) + sum(len(g.versions) for g in self._frozen)
 
     def _write_unaligned(self, batch: _Batch, off: int, data: bytes | memoryview) -> None:
         """Read-modify-write the whole blocks around `data`, within the same batch: the blocks'
@@ -827,11 +828,7 @@ class Store:
         Group commit: the fsyncs run outside the store's lock, so writers go on meanwhile, and one
         flush covers every write that came before it.
         """
-        with self._lock:
-            head = self._head
-            fds = self.journal.take_dirty()
-            self._dirty = False
-        self.journal.sync_fds(fds)
+        head = self._sync_journal()
         # the primary file reads every write after a flush (page cache), and a failed primary
         # write is reported here, never hidden behind a good flush
         self._applier.wait(head)
@@ -842,10 +839,17 @@ class Store:
     def _sync_for_index(self) -> None:
         """Before an index commit: the journal records it indexes, and their primary writes, on
         disk. Records past the index are redone at open; those before it never are."""
-        with self._lock:
-            fds = self.journal.take_dirty()
-        self.journal.sync_fds(fds)
+        self._sync_journal()
         self._primary.sync()
+
+    def _sync_journal(self) -> int:
+        """Sync every journal segment written so far; returns the head it covers."""
+        with self._lock:
+            head = self._head
+            fds = self.journal.take_dirty()
+            self._dirty = False
+        self.journal.sync_fds(fds)
+        return head
 
     # read path ---------------------------------------------------------------------------
     def _version(self, block: int, seq: int) -> Version | None:

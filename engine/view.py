@@ -16,7 +16,7 @@ from .journal.record import crc32c, zero_crc
 from .maps import Version
 
 if TYPE_CHECKING:
-    from .store import Req, Store
+    from .store import Req, Store, _Gen
 
 VCACHE_MAX = 1 << 18  # cached past lookups (about 100 bytes each)
 RANGE_QUERY_MIN = 16  # blocks: from here on one SQL query resolves the whole range
@@ -87,22 +87,35 @@ def version_at(store: Store, block: int, seq: int) -> Version | None:
 
     Answers for points older than the head are cached: later writes come after them and cannot
     change the answer; a fade that deletes or moves versions clears the cache (store.forget)."""
-    cache = store._vcache
-    key = (block, seq)
-    v = cache.get(key)
+    v = _known_version(store, (store._gen, *reversed(store._frozen)), block, seq)
+    if v is None:
+        v = store._db.newest(block, seq)
+        if v is not None:
+            _remember(store, seq, {block: v})
+    return v
+
+
+def _known_version(store: Store, gens: tuple[_Gen, ...], block: int, seq: int) -> Version | None:
+    """The version from the cache or the pending generations (cached too), else None."""
+    v = store._vcache.get((block, seq))
     if v is not None:
         return v
-    for gen in (store._gen, *reversed(store._frozen)):
+    for gen in gens:
         v = gen.lookup(block, seq)
         if v is not None:
-            break
-    else:
-        v = store._db.newest(block, seq)
-    if v is not None and seq < store._head:
-        if len(cache) >= VCACHE_MAX:
-            cache.clear()
-        cache[key] = v
-    return v
+            _remember(store, seq, {block: v})
+            return v
+    return None
+
+
+def _remember(store: Store, seq: int, found: dict[int, Version]) -> None:
+    if seq >= store._head:  # a later write could still land at or before `seq`
+        return
+    cache = store._vcache
+    if len(cache) + len(found) > VCACHE_MAX:
+        cache.clear()
+    cache.update(((b, seq), v) for b, v in found.items())
+
 
 def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = False) -> bytes:
     store._check_range(off, n)
@@ -111,7 +124,7 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
     if seq is None and not indexed:  # the live volume: what the primary holds once queued writes land
         store._applier.wait(store._head)
         return store._primary.pread(off, n)
-    last = None if indexed else store._last
+    last = None if indexed or seq is None else _fast_past(store, seq)
     if last is not None and seq is not None:
         data = _read_unchanged(store, last, seq, off, n)
         if data is not None:
@@ -181,18 +194,25 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
         lo = off - a * bs
         return bytes(out[lo : lo + n])
 
+def _fast_past(store: Store, seq: int) -> array[int] | None:
+    """The last-write array, if reads of `seq` may take the fast path (an addressable point
+    older than the head); raises PointError for a point merged away by retention."""
+    last = store._last
+    if last is None or seq >= store._head or seq < store.horizon:
+        return None  # the slow path says why, or reads pending versions
+    store._addressable(seq, f"seq:{seq}")  # a view held across a fade must not read merged data
+    return last
+
+
 def _read_unchanged(store: Store, last: array[int], seq: int, off: int, n: int) -> bytes | None:
     """The fast path of past reads: blocks with no version newer than `seq` hold on the primary
     what they held at `seq`. Reads the primary without the store lock, then checks that no write
     to the range was staged meanwhile (staging comes before the primary write); None if any was."""
-    if seq >= store._head or seq < store.horizon:
-        return None  # the slow path says why, or reads pending versions
     bs = store.block_size
     a, e = off // bs, -(-(off + n) // bs)
     newest = last[a] if e - a == 1 else max(last[a:e])
     if newest > seq:
         return None
-    store._addressable(seq, f"seq:{seq}")  # a view held across a fade must not read merged data
     if store._applier.applied < newest:  # the primary holds the blocks once their last write lands
         store._applier.wait(newest)
     data = store._primary.pread(off, n)
@@ -212,38 +232,27 @@ def read_many(store: Store, seq: int, reqs: list[tuple[int, int]]) -> list[bytes
     """Reads of one past point: unchanged blocks from the primary; the single-block reads left
     are looked up together (one SQL statement for all, not one each), the rest one by one."""
     out: list[bytes | Exception | None] = [None] * len(reqs)
-    last = store._last
-    if seq >= store._head or seq < store.horizon:
-        last = None  # read_at says why, or reads pending versions
-    else:
-        try:
-            store._addressable(seq, f"seq:{seq}")
-        except Exception as exc:
-            return [exc] * len(reqs)
+    try:
+        last = _fast_past(store, seq)
+    except Exception as exc:
+        return [exc] * len(reqs)
     bs = store.block_size
     size = store.size
-    pread = store._primary.pread
-    applier = store._applier
     singles: list[int] = []
     for i, (off, n) in enumerate(reqs):
         if n <= 0 or off < 0 or off + n > size:
             out[i] = _guarded(read_at, store, seq, off, n)  # the error, or b""
             continue
-        a, e = off // bs, (off + n - 1) // bs + 1
-        newest = 0 if last is None else last[a] if e - a == 1 else max(last[a:e])
-        if last is not None and newest <= seq:
-            # unchanged since `seq`: the primary holds it once its last write lands (_read_unchanged)
-            if applier.applied < newest:
-                applier.wait(newest)
+        if last is not None:
             try:
-                data = pread(off, n)
+                data = _read_unchanged(store, last, seq, off, n)
             except Exception as exc:
                 out[i] = exc
                 continue
-            if (last[a] if e - a == 1 else max(last[a:e])) <= seq:
+            if data is not None:
                 out[i] = data
                 continue
-        if e - a == 1 and last is not None:
+        if off // bs == (off + n - 1) // bs and last is not None:
             singles.append(i)
         else:
             out[i] = _guarded(read_at, store, seq, off, n)
@@ -276,17 +285,11 @@ def read_many(store: Store, seq: int, reqs: list[tuple[int, int]]) -> list[bytes
 
 def _versions_many(store: Store, blocks: list[int], seq: int) -> dict[int, Version]:
     """version_at for many blocks: cache and pending generations first, then one SQL query."""
-    cache = store._vcache
     found: dict[int, Version] = {}
     ask: list[int] = []
     gens = (store._gen, *reversed(store._frozen))
     for b in blocks:
-        v = cache.get((b, seq))
-        if v is None:
-            for gen in gens:
-                v = gen.lookup(b, seq)
-                if v is not None:
-                    break
+        v = _known_version(store, gens, b, seq)
         if v is None:
             ask.append(b)
         else:
@@ -294,9 +297,7 @@ def _versions_many(store: Store, blocks: list[int], seq: int) -> dict[int, Versi
     if ask:
         got = store._db.newest_many(ask, seq)
         found.update(got)
-        if len(cache) + len(got) > VCACHE_MAX:
-            cache.clear()
-        cache.update(((b, seq), v) for b, v in got.items())
+        _remember(store, seq, got)
     return found
 
 

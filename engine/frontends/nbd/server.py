@@ -499,18 +499,12 @@ class NbdConnection(asyncio.BufferedProtocol):
                         self._out_bytes += length
                         continue
                     try:
-                        got = ex.vol.read(off, length) if length else b""
+                        got: bytes | Exception = ex.vol.read(off, length) if length else b""
                     except Exception as e:
-                        err = errno_for(e)
-                    else:
-                        if len(got) != length:
-                            log.error("engine read returned %d bytes for %d at %d", len(got), length, off)
-                            err = P.EIO
-                        else:
-                            out.append(pack(P.SIMPLE_REPLY_MAGIC, 0, cookie))
-                            out.append(got)
-                            self._out_bytes += length
-                            continue
+                        got = e
+                    self._answer_read(off, length, cookie, got)
+                    self._out_bytes += length
+                    continue
             elif cmd == P.CMD_FLUSH:
                 if pending:
                     self._apply_pending()
@@ -535,17 +529,21 @@ class NbdConnection(asyncio.BufferedProtocol):
         ex = self.export
         assert ex is not None
         got = ex.vol.read_many([(off, n) for off, n, _ in reads])  # type: ignore[attr-defined]
-        pack, magic, out = _REPLY.pack, P.SIMPLE_REPLY_MAGIC, self._out
         for (off, n, cookie), data in zip(reads, got, strict=True):
-            if isinstance(data, Exception):
-                out.append(pack(magic, errno_for(data), cookie))
-            elif len(data) != n:
-                log.error("engine read returned %d bytes for %d at %d", len(data), n, off)
-                out.append(pack(magic, P.EIO, cookie))
-            else:
-                out.append(pack(magic, 0, cookie))
-                out.append(data)
+            self._answer_read(off, n, cookie, data)
         reads.clear()
+
+    def _answer_read(self, off: int, n: int, cookie: int, got: bytes | Exception) -> None:
+        """The reply to one read: its data, or the error it met (a short read is EIO)."""
+        out, magic = self._out, P.SIMPLE_REPLY_MAGIC
+        if isinstance(got, Exception):
+            out.append(_REPLY.pack(magic, errno_for(got), cookie))
+        elif len(got) != n:
+            log.error("engine read returned %d bytes for %d at %d", len(got), n, off)
+            out.append(_REPLY.pack(magic, P.EIO, cookie))
+        else:
+            out.append(_REPLY.pack(magic, 0, cookie))
+            out.append(got)
 
     def _apply_pending(self) -> None:
         """One write_many for the queued write/zero/trim requests, then their replies."""
