@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import queue
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import tiny_tmpfs
 from rewind.engine import control
 from rewind.engine.control import ControlServer, EventStream, RemoteStore, decode, encode, event_line
 from rewind.engine.errors import BadInput
@@ -145,12 +145,7 @@ def test_server_stop_ends_stream_cleanly(tmp_path: Path) -> None:
 
 def test_write_failed_reaches_subscriber(tmp_path: Path) -> None:
     """A full disk under the history (a 1 MiB tmpfs): the failed write arrives as an event."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {r.stderr.strip()}")
-    try:
+    with tiny_tmpfs(tmp_path / "tiny") as mnt:
         store = Store.create(tmp_path / "disk.img", mnt / "store", size=8 << 20)
         srv = ControlServer(store).start()
         got: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
@@ -170,5 +165,3 @@ def test_write_failed_reaches_subscriber(tmp_path: Path) -> None:
             remote.close()
             srv.stop()
             store.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import tiny_tmpfs
 from refmodel import Model
 from rewind.engine.errors import NoSpace
 from rewind.engine.store import Store
@@ -20,15 +21,8 @@ BS = 4096
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a tiny tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount tmpfs here: {r.stderr.strip()}")
-    try:
+    with tiny_tmpfs(tmp_path / "tiny", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_journal_fills_the_disk(tmp_path: Path, tiny_fs: Path) -> None:

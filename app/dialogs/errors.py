@@ -79,45 +79,23 @@ def show_error(parent: QWidget | None, title: str, e: BaseException | str, doing
         details = details or getattr(e, "__rewind_traceback__", "") or f"{type(e).__name__}: {e}"
     else:
         what = e
-    box = QMessageBox(parent)
-    box.setIcon(QMessageBox.Icon.Critical)
-    box.setWindowTitle(title)
-    box.setText(what)
-    if todo:
-        box.setInformativeText(todo)
+    box = _box(parent, QMessageBox.Icon.Critical, title, what, todo)
     if details:
         box.setDetailedText(details)
     box.setStandardButtons(QMessageBox.StandardButton.Ok)
     box.setObjectName("errorDialog")
-    OPEN_DIALOGS.append(box)
-    box.finished.connect(lambda _r, b=box: OPEN_DIALOGS.remove(b) if b in OPEN_DIALOGS else None)
-    box.open()
-    return box
+    return _open(box)
 
 
 def show_info(parent: QWidget | None, title: str, text: str, informative: str = "") -> QMessageBox:
-    box = QMessageBox(parent)
-    box.setIcon(QMessageBox.Icon.Information)
-    box.setWindowTitle(title)
-    box.setText(text)
-    if informative:
-        box.setInformativeText(informative)
-    OPEN_DIALOGS.append(box)
-    box.finished.connect(lambda _r, b=box: OPEN_DIALOGS.remove(b) if b in OPEN_DIALOGS else None)
-    box.open()
-    return box
+    return _open(_box(parent, QMessageBox.Icon.Information, title, text, informative))
 
 
 def ask(parent: QWidget | None, title: str, text: str, informative: str = "",
         buttons: tuple[str, ...] = ("OK", "Cancel"), default: int = 0) -> int:
     """A blocking question; returns the index of the button chosen (last = cancel/escape).
     Tests replace this function to answer without a person."""
-    box = QMessageBox(parent)
-    box.setIcon(QMessageBox.Icon.Question)
-    box.setWindowTitle(title)
-    box.setText(text)
-    if informative:
-        box.setInformativeText(informative)
+    box = _box(parent, QMessageBox.Icon.Question, title, text, informative)
     made: list[Any] = []
     for i, label in enumerate(buttons):
         role = QMessageBox.ButtonRole.RejectRole if i == len(buttons) - 1 else QMessageBox.ButtonRole.AcceptRole
@@ -127,3 +105,21 @@ def ask(parent: QWidget | None, title: str, text: str, informative: str = "",
     box.exec()
     clicked = box.clickedButton()
     return made.index(clicked) if clicked in made else len(buttons) - 1
+
+
+def _box(parent: QWidget | None, icon: QMessageBox.Icon, title: str, text: str, informative: str | None) -> QMessageBox:
+    box = QMessageBox(parent)
+    box.setIcon(icon)
+    box.setWindowTitle(title)
+    box.setText(text)
+    if informative:
+        box.setInformativeText(informative)
+    return box
+
+
+def _open(box: QMessageBox) -> QMessageBox:
+    """Show a window-modal box without blocking; kept referenced until it closes."""
+    OPEN_DIALOGS.append(box)
+    box.finished.connect(lambda _r, b=box: OPEN_DIALOGS.remove(b) if b in OPEN_DIALOGS else None)
+    box.open()
+    return box

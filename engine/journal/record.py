@@ -96,8 +96,7 @@ def encode_one_block(kind: int, seq: int, time_ns: int, block: int, aux: int, da
     hot path of 4 KiB writes: encode_header + block_crcs + pack_table in one call)."""
     crc = crc32c(data)
     table = _ONE.pack(crc)
-    raw = _HEAD48.pack(MAGIC, kind, 0, HEADER_SIZE, seq, time_ns, block, 1, 4 + len(data), aux)
-    return raw + _TAIL.pack(crc32c(table, crc32c(raw)), 0) + table, crc
+    return encode_header(kind, seq, time_ns, block, 1, 4 + len(data), aux, table) + table, crc
 
 
 def block_crcs(data: bytes | bytearray | memoryview, block_size: int) -> list[int]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import shot, wait_until
+from helpers import tiny_tmpfs
 
 
 def _small_store(tmp: Path, blocks: int = 64) -> Path:
@@ -163,15 +164,8 @@ def test_journal_near_limit_notifies(window: Any, app: Any, tmp_path: Path) -> N
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Any:
     """A 1 MiB tmpfs: a real full disk (needs root to mount)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {r.stderr.strip()}")
-    try:
+    with tiny_tmpfs(tmp_path / "tiny") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_full_disk_export_says_so(window: Any, app: Any, tmp_path: Path, tiny_disk: Path) -> None:

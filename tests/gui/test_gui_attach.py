@@ -8,13 +8,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import wait_until
+from helpers import rewind_serve
 
 
 def _make_store(tmp: Path) -> Path:
@@ -41,23 +41,8 @@ def _make_store(tmp: Path) -> Path:
 def served(tmp_path: Path) -> Any:
     store_dir = _make_store(tmp_path)
     sock = tmp_path / "nbd.sock"
-    rewind = Path(sys.executable).with_name("rewind")
-    cmd = [str(rewind)] if rewind.exists() else [sys.executable, "-m", "rewind.engine"]
-    proc = subprocess.Popen([*cmd, "serve", str(store_dir), "--nbd", f"unix:{sock}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        if not line.startswith("ready"):
-            pytest.fail(f"rewind serve did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+    with rewind_serve(store_dir, sock) as proc:
         yield store_dir, sock, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def test_attach_to_running_serve(window: Any, app: Any, served: Any, qtbot: Any) -> None:

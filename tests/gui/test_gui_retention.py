@@ -6,9 +6,7 @@ console attached to a separate `rewind serve` hearing a failed write through the
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import shot, wait_until
+from helpers import rewind_serve, tiny_tmpfs
 
 BS = 4096
 NBLK = 16
@@ -217,34 +216,13 @@ def test_faded_early_notice(window: Any, app: Any, tmp_path: Path, small_segment
 @pytest.fixture
 def tiny_serve(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[str]]]:
     """`rewind serve` of a store on a 1 MiB tmpfs: its journal fills up (needs root to mount)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {r.stderr.strip()}")
-    proc = None
-    try:
-        from rewind.engine.store import Store
+    from rewind.engine.store import Store
 
+    with tiny_tmpfs(tmp_path / "tiny") as mnt:
         Store.create(tmp_path / "disk.img", mnt / "store", size=8 << 20).close()
         sock = tmp_path / "nbd.sock"
-        rewind = Path(sys.executable).with_name("rewind")
-        cmd = [str(rewind)] if rewind.exists() else [sys.executable, "-m", "rewind.engine"]
-        proc = subprocess.Popen([*cmd, "serve", str(mnt / "store"), "--nbd", f"unix:{sock}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = proc.stdout.readline() if proc.stdout else ""
-        if not line.startswith("ready"):
-            pytest.fail(f"rewind serve did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-        yield mnt / "store", sock, proc
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        with rewind_serve(mnt / "store", sock) as proc:
+            yield mnt / "store", sock, proc
 
 
 def test_attached_console_hears_write_failed(window: Any, app: Any, tiny_serve: Any) -> None:
@@ -292,13 +270,7 @@ def test_attached_console_applies_and_fades_through_serve(window: Any, app: Any,
     from rewind.engine.control import RemoteStore
 
     store_dir, _marks = make_history(tmp_path, days=1, every_s=900)
-    rewind = Path(sys.executable).with_name("rewind")
-    cmd = [str(rewind)] if rewind.exists() else [sys.executable, "-m", "rewind.engine"]
-    proc = subprocess.Popen([*cmd, "serve", str(store_dir), "--nbd", f"unix:{tmp_path / 'nbd.sock'}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.startswith("ready"), line
+    with rewind_serve(store_dir, tmp_path / "nbd.sock"):
         view = open_view(window, app, store_dir)
         assert view.snap.remote
         page = view.retention_page
@@ -322,10 +294,3 @@ def test_attached_console_applies_and_fades_through_serve(window: Any, app: Any,
             wait_until(app, lambda: view.snap.horizon > horizon, 10, "the horizon moving in the console")
             wait_until(app, lambda: view.worker.journal_samples, 10, "the fade event streamed from serve")
             dlg.accept()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
