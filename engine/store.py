@@ -846,9 +846,9 @@ class Store:
         """Sync every journal segment written so far; returns the head it covers."""
         with self._lock:
             head = self._head
-            fds = self.journal.take_dirty()
+            fds, new_name = self.journal.take_dirty()
             self._dirty = False
-        self.journal.sync_fds(fds)
+        self.journal.sync_fds(fds, new_name)
         return head
 
     # read path ---------------------------------------------------------------------------

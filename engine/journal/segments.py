@@ -98,6 +98,7 @@ class Journal:
         path.mkdir(parents=True, exist_ok=True)
         self._fds: dict[int, int] = {}
         self._dirty: set[int] = set()
+        self._dir_dirty = False  # a segment was created since the last sync
         segs = self.segment_numbers()
         self.segno = segs[-1] if segs else 0
         self.end = 0
@@ -105,6 +106,7 @@ class Journal:
             self.end = os.path.getsize(self.seg_path(self.segno))
         else:
             self._new_segment(1)
+            self._sync_dir()
         self.total_bytes = self.size_bytes()
 
     # files -------------------------------------------------------------------------------
@@ -136,6 +138,12 @@ class Journal:
         self.end = SEGMENT_HEADER_SIZE
         if hasattr(self, "total_bytes"):
             self.total_bytes += SEGMENT_HEADER_SIZE
+        # the new name is made durable by the next sync, with the records that need it: an fsync
+        # of the directory here, under load, stalled every writer for up to half a second
+        self._dir_dirty = True
+
+    def _sync_dir(self) -> None:
+        self._dir_dirty = False
         dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
@@ -185,22 +193,25 @@ class Journal:
 
     def sync(self) -> None:
         """Make every appended byte durable (group commit: called at FLUSH/FUA and on a timer)."""
-        self.sync_fds(self.take_dirty())
+        self.sync_fds(*self.take_dirty())
 
-    def take_dirty(self) -> list[int]:
-        """The fds of segments written since the last sync (the caller syncs them, unlocked)."""
+    def take_dirty(self) -> tuple[list[int], bool]:
+        """The fds of segments written since the last sync, and whether a segment was created
+        since (its directory entry needs a sync too); the caller syncs them, unlocked."""
         fds = [self._fds[s] for s in sorted(self._dirty) if s in self._fds]
         self._dirty.clear()
-        return fds
+        new_name, self._dir_dirty = self._dir_dirty, False
+        return fds, new_name
 
-    @staticmethod
-    def sync_fds(fds: list[int]) -> None:
+    def sync_fds(self, fds: list[int], new_name: bool = False) -> None:
         for fd in fds:
             try:
                 os.fdatasync(fd)
             except OSError as e:
                 if e.errno != errno.EBADF:  # closed meanwhile: close_segment synced it
                     raise
+        if new_name:
+            self._sync_dir()
 
     def truncate(self, segno: int, off: int) -> None:
         """Cut a torn tail: everything from `off` in `segno` and every later segment goes."""
@@ -228,6 +239,8 @@ class Journal:
     def close(self) -> None:
         for s in list(self._fds):
             self.close_segment(s)
+        if self._dir_dirty:
+            self._sync_dir()
 
     # read --------------------------------------------------------------------------------
     def pread(self, loc: int, n: int) -> bytes:
