@@ -287,7 +287,8 @@ def settle(s: Server, timeout: float = 30.0) -> None:
             return
 
 
-def fio_part(root: Path, runtime: float, rounds: int, servers: list[type[Server]]) -> dict[str, dict[str, float]]:
+def fio_part(root: Path, runtime: float, rounds: int, servers: list[type[Server]],
+             only: tuple[str, ...] = ("seq", "randwrite", "randread")) -> dict[str, dict[str, float]]:
     res: dict[str, dict[str, list[float]]] = {}
 
     def add(server: str, key: str, value: float) -> None:
@@ -320,6 +321,7 @@ def fio_part(root: Path, runtime: float, rounds: int, servers: list[type[Server]
             measured(s, "pastread", s.uri_for(past), "randread", "4k", 32)
 
     workloads = [("seq 1M write QD8", seq), ("4k randwrite QD32", randwrite), ("4k randread QD32", randread)]
+    workloads = [(t, fn) for t, fn in workloads if fn.__name__ in only]
     for r in range(rounds):
         order = servers if r % 2 == 0 else list(reversed(servers))
         for title, fn in workloads:
@@ -435,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--volume", type=float, help="engine part: volume size in GiB (default 4, quick 1)")
     ap.add_argument("--dir", help="scratch directory on a real disk (default: $TMPDIR unless tmpfs)")
     ap.add_argument("--only", choices=["fio", "engine"], help="run one part")
+    ap.add_argument("--workloads", default="seq,randwrite,randread",
+                    help="fio part: which runs, comma separated (default seq,randwrite,randread)")
     ap.add_argument("--no-passthrough", action="store_true", help="skip the nbd-only column (server, no journal)")
     ap.add_argument("--serve-passthrough", nargs=2, metavar=("IMAGE", "SOCK"), help=argparse.SUPPRESS)
     try:
@@ -463,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                     servers.append(Passthrough)
                 print(f"NBD, fio nbd engine, 1 connection, fresh sparse 1 GiB file per run, {runtime:g} s runs, "
                       f"median of {rounds} round(s), servers alternated; scratch in {root}", flush=True)
-                m = fio_part(root, runtime, rounds, servers)
+                m = fio_part(root, runtime, rounds, servers, tuple(args.workloads.split(",")))
                 print()
                 print_fio(m, [s.name for s in servers])
                 print()
