@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import apsw
 
+from .journal.record import Kind
+
 SCHEMA_VERSION = 2
 BULK_ROWS = 64  # commits with this many rows of a table insert them in one statement
+JSON_CHUNK = 4096  # rows encoded per json.dumps call: each call holds the GIL throughout
+MARK_KIND = int(Kind.MARK)
 CACHE_KIB = 64 << 10  # per connection; SQLite's default 2 MiB misses on every descent past 1M rows
 
 SCHEMA_V1 = """
@@ -41,6 +45,15 @@ CREATE TABLE IF NOT EXISTS stats(
     t INTEGER PRIMARY KEY, writes INTEGER NOT NULL, bytes INTEGER NOT NULL,
     journal_bytes INTEGER NOT NULL);
 """
+
+def _json_rows(rows: Sequence[tuple[int, ...]]) -> str:
+    """A JSON array of `rows`, encoded a few thousand at a time: the writer thread gets the GIL
+    between pieces (one json.dumps of 100k rows held it for a tenth of a second)."""
+    if len(rows) <= JSON_CHUNK:
+        return json.dumps(rows)
+    dumps = json.dumps
+    return "[" + ",".join([dumps(rows[i : i + JSON_CHUNK])[1:-1] for i in range(0, len(rows), JSON_CHUNK)]) + "]"
+
 
 # Migrations: MIGRATIONS[n] takes a database at user_version n to n + 1.
 # v2: retention merges points away; their records stay (diff needs them) but are marked gone.
@@ -140,13 +153,14 @@ class MapDB:
         self,
         versions: list[tuple[int, int, int, int]],
         records: list[tuple[int, int, int, int, int, int]],
-        maps: dict[int, tuple[int, int, int, int, str, int]],
         marks: list[tuple[str, int, int, int]],
         unmarks: list[str],
-        stats: dict[int, list[int]],
         meta: dict[str, Any],
+        block_size: int,
+        journal_bytes: int,
     ) -> None:
-        """Persist one generation of index rows in a single transaction."""
+        """Persist one generation of index rows in a single transaction; the delta maps' spans
+        and the per-second stats are summed up from its records by SQLite."""
         with self.write():
             # Big generations go in as one JSON array per table, one statement each: executemany
             # takes and drops the GIL around every row, and each time the writer thread had to
@@ -156,7 +170,7 @@ class MapDB:
                 self.db.execute(
                     "INSERT OR REPLACE INTO versions SELECT value->>0, value->>1, value->>2, value->>3"
                     " FROM json_each(?) ORDER BY 1, 2",
-                    (json.dumps(versions),),
+                    (_json_rows(versions),),
                 )
             elif versions:
                 self.db.executemany("INSERT OR REPLACE INTO versions VALUES(?,?,?,?)", versions)
@@ -164,28 +178,33 @@ class MapDB:
                 self.db.execute(
                     "INSERT OR REPLACE INTO records(seq, time, kind, block, count, map_id) SELECT value->>0,"
                     " value->>1, value->>2, value->>3, value->>4, value->>5 FROM json_each(?)",
-                    (json.dumps(records),),
+                    (_json_rows(records),),
                 )
             elif records:
                 self.db.executemany("INSERT OR REPLACE INTO records(seq, time, kind, block, count, map_id) VALUES(?,?,?,?,?,?)", records)
-            for mid, (fs, ls, ft, lt, kind, n) in maps.items():
+            if records:
+                lo, hi = records[0][0], records[-1][0]
+                # a mark record belongs to its map but holds no blocks
                 self.db.execute(
                     "INSERT INTO maps(id, first_seq, last_seq, first_time, last_time, kind, entries)"
-                    " VALUES(?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET last_seq=excluded.last_seq,"
+                    " SELECT map_id, min(seq), max(seq), min(time), max(time), 'live',"
+                    f" sum(CASE WHEN kind={MARK_KIND} THEN 0 ELSE count END) FROM records"
+                    " WHERE seq BETWEEN ? AND ? GROUP BY map_id"
+                    " ON CONFLICT(id) DO UPDATE SET last_seq=excluded.last_seq,"
                     " last_time=excluded.last_time, entries=entries+excluded.entries",
-                    (mid, fs, ls, ft, lt, kind, n),
+                    (lo, hi),
+                )
+                self.db.execute(
+                    "INSERT INTO stats SELECT time / 1000000000, count(*), sum(count) * ?, ? FROM records"
+                    f" WHERE seq BETWEEN ? AND ? AND kind != {MARK_KIND} AND count > 0 GROUP BY 1"
+                    " ON CONFLICT(t) DO UPDATE SET writes=writes+excluded.writes, bytes=bytes+excluded.bytes,"
+                    " journal_bytes=excluded.journal_bytes",
+                    (block_size, journal_bytes, lo, hi),
                 )
             for name, seq, t, pinned in marks:
                 self.db.execute("INSERT OR REPLACE INTO marks VALUES(?,?,?,?)", (name, seq, t, pinned))
             for name in unmarks:
                 self.db.execute("DELETE FROM marks WHERE name=?", (name,))
-            for t, (w, b, jb) in stats.items():
-                self.db.execute(
-                    "INSERT INTO stats VALUES(?,?,?,?) ON CONFLICT(t) DO UPDATE SET"
-                    " writes=writes+excluded.writes, bytes=bytes+excluded.bytes,"
-                    " journal_bytes=excluded.journal_bytes",
-                    (t, w, b, jb),
-                )
             for k, v in meta.items():
                 self.set_meta(k, v)
 

@@ -448,21 +448,6 @@ class Store:
 
     def _commit(self, gen: _Gen) -> None:
         """Write one generation to SQLite (indexer thread, or recovery). Safe to retry."""
-        bs = self.block_size
-        jb = self.space_used()
-        maps: dict[int, tuple[int, int, int, int, str, int]] = {}
-        stats: dict[int, list[int]] = {}
-        for seq, t, kind, _block, count, mid in gen.records:
-            m = maps.get(mid)
-            n = 0 if kind == K_MARK else count
-            maps[mid] = (seq, seq, t, t, "live", n) if m is None else (m[0], seq, m[2], t, "live", m[5] + n)
-            if n:
-                st = stats.get(t // 10**9)
-                if st is None:
-                    stats[t // 10**9] = [1, n * bs, jb]
-                else:
-                    st[0] += 1
-                    st[1] += n * bs
         meta: dict[str, Any] = {
             "map_id": self._map_id,
             "map_first_seq": self._map_first[0],
@@ -473,7 +458,7 @@ class Store:
             meta["indexed_time"] = self._last_time
             meta["indexed_segno"], meta["indexed_off"] = gen.end_pos
         try:
-            self._wdb.commit(gen.versions, gen.records, maps, gen.marks, gen.unmarks, stats, meta)
+            self._wdb.commit(gen.versions, gen.records, gen.marks, gen.unmarks, meta, self.block_size, self.space_used())
         except apsw.FullError:
             raise NoSpace(f"no space left for the index {self.dir / 'maps.db'}: free space on that disk") from None
 
