@@ -92,7 +92,7 @@ class _Gen:
     last_seq: int = 0
     end_pos: tuple[int, int] = (0, 0)
     born: float = field(default_factory=time.monotonic)
-    nindexed: int = 0  # versions[:nindexed] are in `blocks` (built lazily: reads are rarer than writes)
+    nindexed: int = 0  # versions[:nindexed] are in `blocks` (one-block writes add theirs; the rest is built lazily)
 
     def lookup(self, block: int, seq: int) -> Version | None:
         """Newest pending version of `block` at or before `seq`."""
@@ -742,11 +742,22 @@ class Store:
         # general path through _add_record
         fast_map = not self._mark_pending_roll and self._map_id != 0
         map_id, map_t0 = self._map_id, self._map_first[1]
+        # while the generation's per-block lookup is complete, one-block writes keep it so (a
+        # past read then never has to index a million pending rows first); other rows are left
+        # to the lazy build in _Gen.lookup
+        blocks = gen.blocks if gen.nindexed == len(versions) else None
         for kind, seq, t, b0, count, rel, crcs, aux in batch.recs:
             if kind == K_WRITE and count == 1:
                 if last is not None:
                     last[b0] = seq if seq < LAST_NONE else LAST_NONE
-                vappend((b0, seq, base + rel + 4, crcs))  # one block: its crc
+                loc = base + rel + 4
+                vappend((b0, seq, loc, crcs))  # one block: its crc
+                if blocks is not None:
+                    lst = blocks.get(b0)
+                    if lst is None:
+                        blocks[b0] = [(seq, loc, crcs)]
+                    else:
+                        lst.append((seq, loc, crcs))
                 if fast_map and t - map_t0 < MAP_SPAN_NS:
                     rappend((seq, t, K_WRITE, b0, 1, map_id))
                 else:
@@ -754,6 +765,9 @@ class Store:
                     fast_map = not self._mark_pending_roll
                     map_id, map_t0 = self._map_id, self._map_first[1]
                 continue
+            if blocks is not None:
+                gen.nindexed = len(versions)
+                blocks = None
             if last is not None and kind != K_BASELINE and kind != K_MARK:
                 s32 = seq if seq < LAST_NONE else LAST_NONE
                 if count == 1:
@@ -775,6 +789,8 @@ class Store:
                 self._add_record(gen, seq, t, kind, b0, count)
                 fast_map = not self._mark_pending_roll
                 map_id, map_t0 = self._map_id, self._map_first[1]
+        if blocks is not None:
+            gen.nindexed = len(versions)
         gen.last_seq = batch.recs[-1][1]
         gen.end_pos = (segno, start + batch.nbytes)
         if batch.prim:
