@@ -86,8 +86,13 @@ class Applier:
                     return
                 seq, ops, nbytes = self._q[0]
             try:
+                fd, pwrite = self._primary.fd, os.pwrite
                 for op in ops:
-                    self._do(op)
+                    data = op[5]
+                    # the common small write inline: every bytecode here holds the GIL the
+                    # writer thread wants back after each of its syscalls
+                    if data is None or pwrite(fd, data, op[3]) != len(data):
+                        self._do(op)
             except BaseException as e:  # keep it: every later write, flush and read reports it
                 with self._cv:
                     self.error = e
