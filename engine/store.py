@@ -578,11 +578,11 @@ class Store:
                 self._check_range(off, len(x) if kind == "write" else int(x))
             batch = _Batch()
             # the common request, one aligned block of a block already journaled (or a hole), is
-            # encoded right here: encode_one_block and _Batch.add inlined, one clock reading for
-            # the batch (its requests arrived together), no calls per request
+            # encoded right here: encode_one_block and _Batch.add inlined, no calls per request,
+            # and one clock reading for the batch (its requests arrived together; the general
+            # path's _next may move _last_time on, and times never go backwards)
             st, undo, pieces, recs, prim = self._state, batch.undo, batch.pieces, batch.recs, batch.prim
-            t = max(self.clock(), self._last_time)
-            self._last_time = t
+            self._last_time = max(self.clock(), self._last_time)
             paylen, step = 4 + bs, HEADER_SIZE + 4 + bs
             for kind, off, x in reqs:
                 if kind == "write":
@@ -596,6 +596,7 @@ class Store:
                                 undo.append((b, _HOLE_BYTE))
                                 st[b] = TOUCHED
                             self._head = seq = self._head + 1
+                            t = self._last_time
                             crc = crc32c(data)
                             tbl = _PACK_CRC(crc)
                             raw = _PACK_HEAD48(MAGIC, K_WRITE, 0, HEADER_SIZE, seq, t, b, 1, paylen, 0)
