@@ -162,26 +162,8 @@ class MapDB:
         """Persist one generation of index rows in a single transaction; the delta maps' spans
         and the per-second stats are summed up from its records by SQLite."""
         with self.write():
-            # Big generations go in as one JSON array per table, one statement each: executemany
-            # takes and drops the GIL around every row, and each time the writer thread had to
-            # hand it back (a convoy that halved 4 KiB write rates). Sorted inserts walk the
-            # b-tree in order (a third faster); the sort runs inside SQLite too.
-            if len(versions) >= BULK_ROWS:
-                self.db.execute(
-                    "INSERT OR REPLACE INTO versions SELECT value->>0, value->>1, value->>2, value->>3"
-                    " FROM json_each(?) ORDER BY 1, 2",
-                    (_json_rows(versions),),
-                )
-            elif versions:
-                self.db.executemany("INSERT OR REPLACE INTO versions VALUES(?,?,?,?)", versions)
-            if len(records) >= BULK_ROWS:
-                self.db.execute(
-                    "INSERT OR REPLACE INTO records(seq, time, kind, block, count, map_id) SELECT value->>0,"
-                    " value->>1, value->>2, value->>3, value->>4, value->>5 FROM json_each(?)",
-                    (_json_rows(records),),
-                )
-            elif records:
-                self.db.executemany("INSERT OR REPLACE INTO records(seq, time, kind, block, count, map_id) VALUES(?,?,?,?,?,?)", records)
+            self._insert("versions", ("block", "seq", "loc", "crc"), versions, " ORDER BY 1, 2")
+            self._insert("records", ("seq", "time", "kind", "block", "count", "map_id"), records)
             if records:
                 lo, hi = records[0][0], records[-1][0]
                 # a mark record belongs to its map but holds no blocks
@@ -207,6 +189,21 @@ class MapDB:
                 self.db.execute("DELETE FROM marks WHERE name=?", (name,))
             for k, v in meta.items():
                 self.set_meta(k, v)
+
+    def _insert(self, table: str, columns: tuple[str, ...], rows: Sequence[tuple[int, ...]], order: str = "") -> None:
+        """INSERT OR REPLACE many rows as one JSON array in one statement: executemany takes and
+        drops the GIL around every row, and each time the writer thread had to hand it back (a
+        convoy that halved 4 KiB write rates). `order` sorts them inside SQLite first (sorted
+        inserts walk the b-tree in order, a third faster). A few rows go in plainly."""
+        if not rows:
+            return
+        cols = ", ".join(columns)
+        if len(rows) >= BULK_ROWS:
+            picks = ", ".join(f"value->>{i}" for i in range(len(columns)))
+            sql = f"INSERT OR REPLACE INTO {table}({cols}) SELECT {picks} FROM json_each(?){order}"
+            self.db.execute(sql, (_json_rows(rows),))
+        else:
+            self.db.executemany(f"INSERT OR REPLACE INTO {table}({cols}) VALUES({', '.join('?' * len(columns))})", rows)
 
     # reads -------------------------------------------------------------------------------
     def newest(self, block: int, seq: int) -> Version | None:
