@@ -23,6 +23,7 @@ SCHEMA_VERSION = 2
 BULK_ROWS = 64  # commits with this many rows of a table insert them in one statement
 JSON_CHUNK = 4096  # rows encoded per json.dumps call: each call holds the GIL throughout
 MARK_KIND = int(Kind.MARK)
+POINTS_CHUNK = 20_000  # points fetched per statement (see MapDB.points)
 CACHE_KIB = 64 << 10  # per connection; SQLite's default 2 MiB misses on every descent past 1M rows
 
 SCHEMA_V1 = """
@@ -46,7 +47,7 @@ CREATE TABLE IF NOT EXISTS stats(
     journal_bytes INTEGER NOT NULL);
 """
 
-def _json_rows(rows: Sequence[tuple[int, ...]]) -> str:
+def json_rows(rows: Sequence[Any]) -> str:
     """A JSON array of `rows`, encoded a few thousand at a time: the writer thread gets the GIL
     between pieces (one json.dumps of 100k rows held it for a tenth of a second)."""
     if len(rows) <= JSON_CHUNK:
@@ -190,6 +191,14 @@ class MapDB:
             for k, v in meta.items():
                 self.set_meta(k, v)
 
+    def delete_versions(self, keys: Sequence[tuple[int, int]]) -> None:
+        """Delete versions by (block, seq) in one statement (no GIL round trip per row)."""
+        if keys:
+            self.db.execute(
+                "DELETE FROM versions WHERE (block, seq) IN (SELECT value->>0, value->>1 FROM json_each(?))",
+                (json_rows(keys),),
+            )
+
     def _insert(self, table: str, columns: tuple[str, ...], rows: Sequence[tuple[int, ...]], order: str = "") -> None:
         """INSERT OR REPLACE many rows as one JSON array in one statement: executemany takes and
         drops the GIL around every row, and each time the writer thread had to hand it back (a
@@ -201,7 +210,7 @@ class MapDB:
         if len(rows) >= BULK_ROWS:
             picks = ", ".join(f"value->>{i}" for i in range(len(columns)))
             sql = f"INSERT OR REPLACE INTO {table}({cols}) SELECT {picks} FROM json_each(?){order}"
-            self.db.execute(sql, (_json_rows(rows),))
+            self.db.execute(sql, (json_rows(rows),))
         else:
             self.db.executemany(f"INSERT OR REPLACE INTO {table}({cols}) VALUES({', '.join('?' * len(columns))})", rows)
 
@@ -265,11 +274,22 @@ class MapDB:
         return (None if lo is None else int(lo)), (None if hi is None else int(hi))
 
     def points(self, after: int) -> list[tuple[int, int]]:
-        """Addressable (seq, time) points newer than `after`, in order."""
-        return [
-            (int(s), int(t))
-            for s, t in self.db.execute("SELECT seq, time FROM records WHERE seq>? AND gone=0 ORDER BY seq", (after,))
-        ]
+        """Addressable (seq, time) points newer than `after`, in order.
+
+        Fetched as JSON, POINTS_CHUNK rows a statement: iterating a cursor row by row takes and
+        drops the GIL around each row, and a fade listing a million points made writers wait."""
+        out: list[tuple[int, int]] = []
+        while True:
+            got = self.one(
+                "SELECT json_group_array(json_array(seq, time)) FROM"
+                " (SELECT seq, time FROM records WHERE seq>? AND gone=0 ORDER BY seq LIMIT ?)",
+                (after, POINTS_CHUNK),
+            )
+            rows = json.loads(got) if got else []
+            out.extend((int(s), int(t)) for s, t in rows)
+            if len(rows) < POINTS_CHUNK:
+                return out
+            after = out[-1][0]
 
     def record_time(self, seq: int) -> int | None:
         v = self.one("SELECT time FROM records WHERE seq<=? ORDER BY seq DESC LIMIT 1", (seq,))

@@ -13,10 +13,10 @@ Steps, each safe to interrupt with kill -9 (the next fade or open finishes or un
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import time
 from collections.abc import Callable, Generator
-from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptionError
@@ -31,7 +31,7 @@ from ..journal.record import (
     pack_table,
 )
 from ..journal.segments import LOC_SHIFT, make_loc, record_of_zero, split_loc, zero_loc
-from ..maps import MapDB
+from ..maps import MapDB, json_rows
 from ..retention import Plan, plan, removable_versions
 from ..view import UNTOUCHED
 from . import Progress
@@ -122,7 +122,10 @@ def _decide(store: Store, db: MapDB, p: Plan, points: list[tuple[int, int]]) -> 
             store.meta["horizon_ns"] = store.point_time(hz)
         store.save_meta()
     with db.write():
-        db.db.executemany("UPDATE records SET gone=1 WHERE seq=?", [(s,) for s in sorted(p.drop) if s > hz])
+        db.db.execute(
+            "UPDATE records SET gone=1 WHERE seq IN (SELECT value FROM json_each(?))",
+            (json_rows(sorted(s for s in p.drop if s > hz)),),
+        )
         db.db.execute("DELETE FROM records WHERE seq<?", (hz,))
         db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq<?", (hz,))
         db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq IN (SELECT seq FROM records WHERE gone=1)")
@@ -145,22 +148,25 @@ def _remove_versions(store: Store, db: MapDB, check: Callable[[], None],
     if cutoff <= 0:
         return 0
     doomed: list[tuple[int, int]] = []
-    total = max(1, db.count("versions"))
-    n = 0
-    rows = db.db.execute("SELECT block, seq FROM versions ORDER BY block, seq")
-    for block, grp in groupby(rows, key=lambda r: r[0]):
-        seqs = [int(r[1]) for r in grp]
-        n += len(seqs)
-        if len(seqs) > 1 and seqs[0] <= cutoff:
-            doomed.extend((block, v) for v in removable_versions(seqs, kept, cutoff))
-        if n % 65536 < len(seqs):
+    total = max(1, store.nblocks)
+    # only blocks with something to merge come back, their versions as one JSON list: walking
+    # every row from Python took and dropped the GIL per row, and the writers waited each time
+    rows = db.db.execute(
+        "SELECT block, json_group_array(seq) FROM versions GROUP BY block"
+        " HAVING count(*) > 1 AND min(seq) <= ?",
+        (cutoff,),
+    )
+    for i, (block, seqs_json) in enumerate(rows):
+        seqs = sorted(int(v) for v in json.loads(seqs_json))  # (the scan's order, but it is not promised)
+        doomed.extend((int(block), v) for v in removable_versions(seqs, kept, cutoff))
+        if i % 4096 == 0:
             check()
-            yield Progress("merge", n, total)
+            yield Progress("merge", min(int(block), total), total)
     removed = 0
     for i in range(0, len(doomed), CHUNK):
         check()
         with db.write():
-            db.db.executemany("DELETE FROM versions WHERE block=? AND seq=?", doomed[i : i + CHUNK])
+            db.delete_versions(doomed[i : i + CHUNK])
         store.forget()
         removed += len(doomed[i : i + CHUNK])
         yield Progress("merge", removed, len(doomed))
@@ -175,8 +181,9 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
     hz = store.horizon
     cand = [
         (int(b), int(s))
-        for b, s, c in db.db.execute("SELECT block, max(seq), count(*) FROM versions GROUP BY block")
-        if c == 1 and s <= hz
+        for b, s in db.db.execute(
+            "SELECT block, max(seq) FROM versions GROUP BY block HAVING count(*) = 1 AND max(seq) <= ?", (hz,)
+        )
     ]
     released = 0
     for i in range(0, len(cand), CHUNK):
@@ -199,7 +206,7 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
                 if now.get(b) == (1, s) and all(g.lookup(b, 1 << 62) is None for g in (store._gen, *store._frozen))
             ]
             with db.write():
-                db.db.executemany("DELETE FROM versions WHERE block=? AND seq=?", ok)
+                db.delete_versions(ok)
             store.forget()
             for b, _ in ok:
                 store._state[b] = UNTOUCHED  # a new baseline is taken on the next overwrite
@@ -339,7 +346,11 @@ def compact_segment(store: Store, db: MapDB, segno: int, mark_seqs: set[int]) ->
     with store._turn(commit=True):
         with db.write():
             db.set_meta("compacting", segno)
-            db.db.executemany("UPDATE versions SET loc=? WHERE block=? AND seq=?", moves)
+            db.db.execute(
+                "UPDATE versions SET loc = j.value->>0 FROM json_each(?) AS j"
+                " WHERE versions.block = j.value->>1 AND versions.seq = j.value->>2",
+                (json_rows(moves),),
+            )
             store.forget()
         j.close_segment(segno)
         os.rename(new_path, j.seg_path(segno))
