@@ -58,6 +58,8 @@ INDEX_COMMIT_ROWS = INDEX_BATCH_ROWS // 2  # the indexer commits at this many pe
 INDEX_MAX_AGE_S = 2.0  # ...or when the oldest has waited this long (the journal has them all)
 INDEX_MAX_PENDING = 1_000_000  # rows not yet committed before writers wait for the indexer
 SYNC_INTERVAL_S = 1.0  # group commit: appended records become durable within this, or at FLUSH/FUA
+CHECKPOINT_S = 30.0  # the primary is synced (and the redo start moved on) at least this often...
+CHECKPOINT_BYTES = 1 << 30  # ...or when this much journal lies past the redo start (bounds the redo at open)
 WRITE_RECORD_BYTES = 32 << 20
 _HOLE_BYTE = bytes([HOLE])
 _PACK_HEAD48, _PACK_TAIL, _PACK_CRC = one_block_packers()
@@ -236,6 +238,10 @@ class Store:
             self._wdb.lock = self._commit_lock
             self._gen = _Gen()
             self._frozen: list[_Gen] = []
+            self._indexed_pos = (0, 0)  # journal position the index covers (set by _recover)
+            self._redo_pos = (0, 0)  # where the next open's redo would start (set by _recover)
+            self._checkpoint_t = time.monotonic()
+            self._checkpoint_bytes = self.journal.total_bytes
             self._vcache: dict[tuple[int, int], Version] = {}  # see view.version_at
             note = finish_compaction(self.journal.path, self._wdb)
             if note:
@@ -274,6 +280,7 @@ class Store:
             self.flush(primary=True)
             try:
                 self._index_sync()
+                self.checkpoint()
             except NoSpace as e:  # the journal holds everything; the next open indexes it
                 self._emit("error", {"message": str(e)})
         finally:
@@ -303,6 +310,12 @@ class Store:
         self._last_time = int(db.get_meta("indexed_time", self.meta["horizon_ns"]))
         segno = int(db.get_meta("indexed_segno", 0))
         off = int(db.get_meta("indexed_off", 0))
+        indexed_pos = (segno, off)
+        # records from the redo start on may be indexed but not yet durable on the primary
+        rsegno, roff = int(db.get_meta("redo_segno", segno)), int(db.get_meta("redo_off", off))
+        self._redo_pos = (rsegno, roff)
+        if (rsegno, roff) < (segno, off):
+            segno, off = rsegno, roff
         self._map_id = int(db.get_meta("map_id", 0))
         self._map_first = (int(db.get_meta("map_first_seq", 0)), int(db.get_meta("map_first_time", 0)))
         self._mark_pending_roll = False
@@ -315,8 +328,14 @@ class Store:
         try:
             for rec in self.journal.scan(segno, off):
                 h = rec.hdr
-                if h.seq < first_new:
-                    continue  # already indexed
+                if h.seq < first_new:  # indexed already: only put its write on the primary again
+                    if h.kind == K_WRITE:
+                        self._primary.pwrite(h.block * bs, self.journal.pread(make_loc(rec.segno, rec.data_off), h.count * bs))
+                        redo += 1
+                    elif h.kind == K_ZERO:
+                        self._primary.zero(h.block * bs, h.count * bs)
+                        redo += 1
+                    continue
                 self._head = max(self._head, h.seq)
                 self._last_time = max(self._last_time, h.time_ns)
                 if h.kind in (K_WRITE, K_BASELINE):
@@ -354,8 +373,12 @@ class Store:
         if redo:
             self._primary.sync()
             self.recovery.append(f"re-applied {redo} journaled writes to the primary after an unclean stop")
+        # the redo above was synced: the primary is durable up to the index now
+        self._indexed_pos = gen.end_pos if not gen.empty() else indexed_pos
         if not gen.empty():
-            self._commit(gen)
+            self._commit(gen, redo_from=gen.end_pos)
+        elif redo:
+            self._set_redo_start(indexed_pos)
         self._gen = _Gen()
         self._indexed_seq = self._head
         if torn:
@@ -373,6 +396,10 @@ class Store:
                     db.set_meta("indexed_seq", self._head)
                     db.set_meta("indexed_segno", 1)
                     db.set_meta("indexed_off", 16)
+        if db.get_meta("redo_segno") is None:  # a new store, or one from before checkpoints
+            self._indexed_pos = (int(db.get_meta("indexed_segno", 0)), int(db.get_meta("indexed_off", 0)))
+            self._redo_pos = (-1, -1)
+            self._set_redo_start(self._indexed_pos)  # the primary is whole up to the index
 
     def _undo_torn(self, ranges: list[tuple[int, int]]) -> None:
         """The primary may hold writes whose journal records were torn: put back the journaled state."""
@@ -446,8 +473,9 @@ class Store:
         if kind == K_MARK:
             self._mark_pending_roll = True
 
-    def _commit(self, gen: _Gen) -> None:
-        """Write one generation to SQLite (indexer thread, or recovery). Safe to retry."""
+    def _commit(self, gen: _Gen, redo_from: tuple[int, int] | None = None) -> None:
+        """Write one generation to SQLite (indexer thread, or recovery). Safe to retry.
+        `redo_from`: the primary is durable up to there (a checkpoint); recovery starts there."""
         meta: dict[str, Any] = {
             "map_id": self._map_id,
             "map_first_seq": self._map_first[0],
@@ -457,6 +485,9 @@ class Store:
             meta["indexed_seq"] = gen.last_seq
             meta["indexed_time"] = self._last_time
             meta["indexed_segno"], meta["indexed_off"] = gen.end_pos
+        if redo_from is not None:
+            meta["redo_segno"], meta["redo_off"] = redo_from
+            self._redo_pos = redo_from
         try:
             self._wdb.commit(gen.versions, gen.records, gen.marks, gen.unmarks, meta, self.block_size, self.space_used())
         except apsw.FullError:
@@ -477,13 +508,55 @@ class Store:
                         return False
                     self._gen = _Gen()
                     self._frozen.append(gen)
-            self._applier.wait(gen.last_seq)  # indexed records must be on the primary (redo covers the rest)
-            self._sync_for_index()
-            self._commit(gen)
+            # the index may point only at durable journal records; the primary is synced at
+            # checkpoints, and recovery redoes onto it everything from the last one on
+            self._sync_journal()
+            redo_from = None
+            if self._checkpoint_due():
+                self._applier.wait(gen.last_seq)
+                self._primary.sync()
+                redo_from = gen.end_pos
+            self._commit(gen, redo_from)
             with self._lock:
                 self._frozen.remove(gen)
                 self._indexed_seq = max(self._indexed_seq, gen.last_seq)
+                self._indexed_pos = max(self._indexed_pos, gen.end_pos)
+            if redo_from is not None:
+                self._checkpointed()
             return True
+
+    def _checkpoint_due(self) -> bool:
+        """Sync the primary at this commit? Always for a watched primary (a redo there would
+        overwrite changes made since); otherwise every CHECKPOINT_S or CHECKPOINT_BYTES."""
+        if self.meta.get("mode") == "watch":
+            return True
+        return (
+            time.monotonic() - self._checkpoint_t >= CHECKPOINT_S
+            or self.journal.total_bytes - self._checkpoint_bytes >= CHECKPOINT_BYTES
+        )
+
+    def _checkpointed(self) -> None:
+        self._checkpoint_t = time.monotonic()
+        self._checkpoint_bytes = self.journal.total_bytes
+
+    def checkpoint(self) -> None:
+        """Make the primary durable up to the index, so recovery redoes nothing before it (close,
+        and a fade before it rewrites or deletes segments a redo might read)."""
+        with self._commit_lock:
+            with self._lock:
+                seq, pos = self._indexed_seq, self._indexed_pos
+            self._applier.wait(seq)
+            self._primary.sync()
+            self._set_redo_start(pos)
+            self._checkpointed()
+
+    def _set_redo_start(self, pos: tuple[int, int]) -> None:
+        if pos == self._redo_pos:
+            return  # nothing new: a store opened and closed unchanged stays byte for byte the same
+        self._redo_pos = pos
+        with self._wdb.write():
+            self._wdb.set_meta("redo_segno", pos[0])
+            self._wdb.set_meta("redo_off", pos[1])
 
     def _index_sync(self) -> None:
         """Commit every row pending now (marks, verify and close need the index complete).
@@ -849,8 +922,8 @@ class Store:
     def flush(self, primary: bool = False) -> None:
         """Make every write so far durable (NBD FLUSH, FUA, fsync): the journal makes it so.
 
-        Like a database's log: recovery redoes onto the primary every record past the index,
-        and the indexer syncs the primary before each commit (_sync_for_index), so a FLUSH
+        Like a database's log: recovery redoes onto the primary every record past the last checkpoint,
+        and the primary is synced at checkpoints (see _checkpoint_due), so a FLUSH
         writes the data to disk once, not twice. `primary=True` syncs the primary too (close,
         rewind: the image must be whole on its own afterwards).
 
@@ -864,12 +937,6 @@ class Store:
         if primary:
             self._primary.sync()
         self._last_sync = time.monotonic()
-
-    def _sync_for_index(self) -> None:
-        """Before an index commit: the journal records it indexes, and their primary writes, on
-        disk. Records past the index are redone at open; those before it never are."""
-        self._sync_journal()
-        self._primary.sync()
 
     def _sync_journal(self) -> int:
         """Sync every journal segment written so far; returns the head it covers."""

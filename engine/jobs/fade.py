@@ -55,6 +55,7 @@ def _fade(store: Store, check: Callable[[], None], throttle: float,
     with store._lock:
         first_open = store.journal.segno  # segments before it are complete, and indexed below
     store._index_sync()
+    store.checkpoint()  # a redo at the next open must never read a segment this fade rewrites
     t0 = time.monotonic()
     db = MapDB(store.dir / "maps.db")
     db.lock = store._commit_lock
