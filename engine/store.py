@@ -32,14 +32,11 @@ from .jobs import Job, Progress
 from .jobs.fade import finish_compaction
 from .journal.record import (
     HEADER_SIZE,
-    MAGIC,
     MAX_RECORD_BYTES,
     Kind,
     block_crcs,
-    crc32c,
     encode_header,
     encode_one_block,
-    one_block_packers,
     pack_table,
 )
 from .journal.segments import Journal, TornTail, make_loc, segment_name, zero_loc
@@ -62,7 +59,6 @@ CHECKPOINT_S = 30.0  # the primary is synced (and the redo start moved on) at le
 CHECKPOINT_BYTES = 1 << 30  # ...or when this much journal lies past the redo start (bounds the redo at open)
 WRITE_RECORD_BYTES = 32 << 20
 _HOLE_BYTE = bytes([HOLE])
-_PACK_HEAD48, _PACK_TAIL, _PACK_CRC = one_block_packers()
 LAST_MAX_BLOCKS = 1 << 25  # volumes up to this many blocks keep the last-write array (4 bytes a block)
 LAST_NONE = 0xFFFFFFFF  # in the last-write array: unknown (a seq too big for 32 bits), ask the index
 assert WRITE_RECORD_BYTES <= MAX_RECORD_BYTES
@@ -651,12 +647,12 @@ class Store:
                 self._check_range(off, len(x) if kind == "write" else int(x))
             batch = _Batch()
             # the common request, one aligned block of a block already journaled (or a hole), is
-            # encoded right here: encode_one_block and _Batch.add inlined, no calls per request,
-            # and one clock reading for the batch (its requests arrived together; the general
-            # path's _next may move _last_time on, and times never go backwards)
+            # staged right here (_stage_write, _stage_baselines and _Batch.add in one), with one
+            # clock reading for the batch (its requests arrived together; the general path's
+            # _next may move _last_time on, and times never go backwards)
             st, undo, pieces, recs, prim = self._state, batch.undo, batch.pieces, batch.recs, batch.prim
             self._last_time = max(self.clock(), self._last_time)
-            paylen, step = 4 + bs, HEADER_SIZE + 4 + bs
+            step = HEADER_SIZE + 4 + bs
             for kind, off, x in reqs:
                 if kind == "write":
                     data = x if isinstance(x, memoryview) else memoryview(x)
@@ -670,10 +666,8 @@ class Store:
                                 st[b] = TOUCHED
                             self._head = seq = self._head + 1
                             t = self._last_time
-                            crc = crc32c(data)
-                            tbl = _PACK_CRC(crc)
-                            raw = _PACK_HEAD48(MAGIC, K_WRITE, 0, HEADER_SIZE, seq, t, b, 1, paylen, 0)
-                            pieces += (raw + _PACK_TAIL(crc32c(tbl, crc32c(raw)), 0) + tbl, data)
+                            head, crc = encode_one_block(K_WRITE, seq, t, b, 0, data)
+                            pieces += (head, data)
                             prim.append((len(recs), off, bs, data))
                             recs.append((K_WRITE, seq, t, b, 1, batch.nbytes, crc, 0))
                             batch.nbytes += step

@@ -99,12 +99,6 @@ def encode_one_block(kind: int, seq: int, time_ns: int, block: int, aux: int, da
     return encode_header(kind, seq, time_ns, block, 1, 4 + len(data), aux, table) + table, crc
 
 
-def one_block_packers() -> tuple[Callable[..., bytes], Callable[..., bytes], Callable[..., bytes]]:
-    """The struct packers encode_one_block uses (first 48 header bytes, header crc + pad, one crc),
-    for a writer that inlines it: MAGIC, kind, 0, HEADER_SIZE, seq, time, block, 1, paylen, aux."""
-    return _HEAD48.pack, _TAIL.pack, _ONE.pack
-
-
 def block_crcs(data: bytes | bytearray | memoryview, block_size: int) -> list[int]:
     """crc32c of each block of `data` (a whole number of blocks)."""
     if len(data) == block_size:
