@@ -235,7 +235,7 @@ class Store:
             self._gen = _Gen()
             self._frozen: list[_Gen] = []
             self._indexed_pos = (0, 0)  # journal position the index covers (set by _recover)
-            self._redo_pos = (0, 0)  # where the next open's redo would start (set by _recover)
+            self._redo_pos: tuple[int, int] | None = None  # where the next open's redo starts (set by _recover)
             self._checkpoint_t = time.monotonic()
             self._checkpoint_bytes = self.journal.total_bytes
             self._vcache: dict[tuple[int, int], Version] = {}  # see view.version_at
@@ -308,10 +308,11 @@ class Store:
         off = int(db.get_meta("indexed_off", 0))
         indexed_pos = (segno, off)
         # records from the redo start on may be indexed but not yet durable on the primary
-        rsegno, roff = int(db.get_meta("redo_segno", segno)), int(db.get_meta("redo_off", off))
-        self._redo_pos = (rsegno, roff)
-        if (rsegno, roff) < (segno, off):
-            segno, off = rsegno, roff
+        # (a store without them is new, or from before checkpoints: its primary is whole up to the index)
+        rsegno, roff = db.get_meta("redo_segno"), db.get_meta("redo_off")
+        self._redo_pos = None if rsegno is None else (int(rsegno), int(roff))
+        if self._redo_pos is not None and self._redo_pos < (segno, off):
+            segno, off = self._redo_pos
         self._map_id = int(db.get_meta("map_id", 0))
         self._map_first = (int(db.get_meta("map_first_seq", 0)), int(db.get_meta("map_first_time", 0)))
         self._mark_pending_roll = False
@@ -324,14 +325,16 @@ class Store:
         try:
             for rec in self.journal.scan(segno, off):
                 h = rec.hdr
-                if h.seq < first_new:  # indexed already: only put its write on the primary again
-                    if h.kind == K_WRITE:
-                        self._primary.pwrite(h.block * bs, self.journal.pread(make_loc(rec.segno, rec.data_off), h.count * bs))
-                        redo += 1
-                    elif h.kind == K_ZERO:
-                        self._primary.zero(h.block * bs, h.count * bs)
-                        redo += 1
-                    continue
+                # redo: every write from the redo start on goes on the primary again (a rebuild
+                # starts from a primary that is whole)
+                if h.kind == K_WRITE and not rebuild:
+                    self._primary.pwrite(h.block * bs, self.journal.pread(make_loc(rec.segno, rec.data_off), h.count * bs))
+                    redo += 1
+                elif h.kind == K_ZERO and not rebuild:
+                    self._primary.zero(h.block * bs, h.count * bs)
+                    redo += 1
+                if h.seq < first_new:
+                    continue  # indexed already
                 self._head = max(self._head, h.seq)
                 self._last_time = max(self._last_time, h.time_ns)
                 if h.kind in (K_WRITE, K_BASELINE):
@@ -340,16 +343,9 @@ class Store:
                     gen.versions.extend(
                         zip(range(h.block, h.block + h.count), repeat(key), range(loc0, loc0 + h.count * bs, bs), rec.crcs)
                     )
-                    if h.kind == K_WRITE and not rebuild:
-                        data = self.journal.pread(make_loc(rec.segno, rec.data_off), h.count * bs)
-                        self._primary.pwrite(h.block * bs, data)
-                        redo += 1
                 elif h.kind == K_ZERO:
                     zl = zero_loc(rec.segno, rec.offset)
                     gen.versions.extend(zip(range(h.block, h.block + h.count), repeat(h.seq), repeat(zl), repeat(0)))
-                    if not rebuild:
-                        self._primary.zero(h.block * bs, h.count * bs)
-                        redo += 1
                 if h.kind != K_BASELINE:
                     self._add_record(gen, h.seq, h.time_ns, int(h.kind), h.block, h.count)
                 if h.kind == K_MARK:
@@ -392,10 +388,9 @@ class Store:
                     db.set_meta("indexed_seq", self._head)
                     db.set_meta("indexed_segno", 1)
                     db.set_meta("indexed_off", 16)
-        if db.get_meta("redo_segno") is None:  # a new store, or one from before checkpoints
-            self._indexed_pos = (int(db.get_meta("indexed_segno", 0)), int(db.get_meta("indexed_off", 0)))
-            self._redo_pos = (-1, -1)
-            self._set_redo_start(self._indexed_pos)  # the primary is whole up to the index
+                self._indexed_pos = (1, 16)
+        if self._redo_pos is None:
+            self._set_redo_start(self._indexed_pos)
 
     def _undo_torn(self, ranges: list[tuple[int, int]]) -> None:
         """The primary may hold writes whose journal records were torn: put back the journaled state."""
