@@ -191,6 +191,15 @@ class MapDB:
             for k, v in meta.items():
                 self.set_meta(k, v)
 
+    def drop_points(self, seqs: Sequence[int], horizon: int) -> None:
+        """Retention merged these points away: their records stay (diff needs them) but are
+        marked gone, and their unpinned marks go; everything before the horizon goes."""
+        js = json_rows(seqs)
+        self.db.execute("UPDATE records SET gone=1 WHERE seq IN (SELECT value FROM json_each(?))", (js,))
+        self.db.execute("DELETE FROM records WHERE seq<?", (horizon,))
+        self.db.execute("DELETE FROM marks WHERE pinned=0 AND seq<?", (horizon,))
+        self.db.execute("DELETE FROM marks WHERE pinned=0 AND seq IN (SELECT value FROM json_each(?))", (js,))
+
     def delete_versions(self, keys: Sequence[tuple[int, int]]) -> None:
         """Delete versions by (block, seq) in one statement (no GIL round trip per row)."""
         if keys:

@@ -419,13 +419,12 @@ class Store:
         kept = set(self.meta.get("kept", [])) | {hz}
         with db.write():
             db.db.executemany("UPDATE marks SET pinned=1 WHERE name=?", [(n,) for n in self.meta.get("pinned", [])])
-            db.db.execute("DELETE FROM records WHERE seq<?", (hz,))
-            db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq<?", (hz,))
             gone = [
-                (int(s),) for (s,) in db.db.execute("SELECT seq FROM records WHERE seq<=?", (until,)) if s not in kept
+                int(s)
+                for (s,) in db.db.execute("SELECT seq FROM records WHERE seq>=? AND seq<=?", (hz, until))
+                if s not in kept
             ]
-            db.db.executemany("UPDATE records SET gone=1 WHERE seq=?", gone)
-            db.db.executemany("DELETE FROM marks WHERE pinned=0 AND seq=?", gone)
+            db.drop_points(gone, hz)
 
     def _build_state(self) -> None:
         """The copy-on-first-write bitmap: which blocks still need a baseline before an overwrite."""

@@ -123,13 +123,7 @@ def _decide(store: Store, db: MapDB, p: Plan, points: list[tuple[int, int]]) -> 
             store.meta["horizon_ns"] = store.point_time(hz)
         store.save_meta()
     with db.write():
-        db.db.execute(
-            "UPDATE records SET gone=1 WHERE seq IN (SELECT value FROM json_each(?))",
-            (json_rows(sorted(s for s in p.drop if s > hz)),),
-        )
-        db.db.execute("DELETE FROM records WHERE seq<?", (hz,))
-        db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq<?", (hz,))
-        db.db.execute("DELETE FROM marks WHERE pinned=0 AND seq IN (SELECT seq FROM records WHERE gone=1)")
+        db.drop_points(sorted(s for s in p.drop if s > hz), hz)
         db.db.execute("DELETE FROM maps WHERE last_seq<=?", (hz,))
         db.db.execute("UPDATE maps SET kind='merged' WHERE first_seq<=?", (store.meta["kept_until"],))
     with store._turn():
