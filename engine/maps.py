@@ -294,7 +294,7 @@ class MapDB:
                 " (SELECT seq, time FROM records WHERE seq>? AND gone=0 ORDER BY seq LIMIT ?)",
                 (after, POINTS_CHUNK),
             )
-            rows = json.loads(got) if got else []
+            rows = sorted(json.loads(got)) if got else []  # (the subquery's order, but it is not promised)
             out.extend((int(s), int(t)) for s, t in rows)
             if len(rows) < POINTS_CHUNK:
                 return out
