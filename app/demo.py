@@ -396,7 +396,7 @@ class DemoWorkload(threading.Thread):
             try:
                 if self.fs is not None and self.error is None:
                     self.fs.close()
-                    self.store.live.flush()
+                    self.store.flush(primary=True)  # paused: the image on disk is whole (the applier is lazy)
             except Exception:  # noqa: BLE001 - the store may already be closed
                 pass
             finally:

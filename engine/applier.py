@@ -1,11 +1,20 @@
-"""Applies journaled writes to the primary in a background thread.
+"""Applies journaled writes to the primary in a background thread, lazily.
 
 The foreground appends a batch to the journal and moves on; this thread copies each record's data
-from the journal into the primary with copy_file_range (page cache to page cache, in the kernel,
-without the GIL), so a protected write costs the client one write, not two. Ordering and
-durability stay simple: batches are applied in order; FLUSH, reads of the live volume and the
-index commit all wait until the batches they depend on are applied; recovery redoes any record
-that is journaled but not yet indexed, so a crash in between loses nothing.
+from the journal into the primary later, like a database writing its pages after its log: while
+writes keep coming (a burst, a benchmark, a VM booting) it waits until LAZY_BYTES are queued, and
+otherwise until the writes pause for LAZY_IDLE_S. Meanwhile the live volume reads blocks with an
+unapplied write from the journal (view.read_live). Waiting pays twice:
+- the writer's client gets the whole machine while the burst lasts;
+- a block written again before its turn is written to the primary once (absorption: a queued
+  write whose blocks all have a later write is skipped; the later one lands instead).
+
+Lazy application needs the store's last-write array (`last`, per block the seq of its newest
+write); without it (a watched primary, a huge volume) every batch is applied at once.
+
+Ordering and durability stay simple: batches are applied in order; a checkpoint, a fade and close
+wait until everything is applied; recovery redoes every record past the last checkpoint, so a
+crash in between loses nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
+from array import array
 from collections import deque
 
 from .errors import NoSpace, RewindError
@@ -21,44 +32,67 @@ from .primary import Primary
 
 WRITE = 0
 ZERO = 1
-# (kind, journal segno, offset in segment, primary offset, length, data or None)
-# Small writes carry a copy of their data (a 4 KiB pwrite costs a third of a copy_file_range);
-# big ones are copied from the journal in the kernel.
-Op = tuple[int, int, int, int, int, bytes | None]
-SMALL = 64 << 10
+# (kind, journal segno, offset in segment, primary offset, length, seq of the record)
+Op = tuple[int, int, int, int, int, int]
+SMALL = 64 << 10  # up to this, pread + pwrite; bigger ones are copied in the kernel
+LAZY_BYTES = 1 << 30  # queued this much, apply down to half of it
+LAZY_IDLE_S = 0.05  # or once no batch came for this long
+OP_COST = 256  # queue cost of one op beyond its bytes (zero ops carry none): bounds the queue's memory
+LAST_NONE = 0xFFFFFFFF  # store.LAST_NONE: a block whose newest seq is unknown
 
 
 class Applier:
-    MAX_QUEUED = 256 << 20  # the foreground waits when this much is not yet applied
+    MAX_QUEUED = 2 * LAZY_BYTES  # the foreground waits when this much is not yet applied
 
-    def __init__(self, primary: Primary, journal: Journal, applied_seq: int) -> None:
+    def __init__(self, primary: Primary, journal: Journal, applied_seq: int, block_size: int) -> None:
         self._primary = primary
         self._journal = journal
+        self._bs = block_size
         self._q: deque[tuple[int, list[Op], int]] = deque()
         self._cv = threading.Condition()
         self.applied = applied_seq
         self._queued = 0
+        self._want = 0  # the highest seq somebody waits for
+        self._draining = False
+        self._last_submit = 0.0
         self._stop = False
         self.error: BaseException | None = None
+        self.last: array[int] | None = None  # set by the store: lazy application and absorption
+        self.skipped = 0  # writes absorbed by a later write to the same blocks
         self._copy = hasattr(os, "copy_file_range")
         self._thread = threading.Thread(target=self._run, name="rewind-applier", daemon=True)
         self._thread.start()
 
+    @property
+    def lagging(self) -> bool:
+        """Are writes queued that the primary does not hold yet?"""
+        return bool(self._q)
+
     def submit(self, seq: int, ops: list[Op], nbytes: int) -> None:
         """Queue one batch's primary writes (in journal order); waits if too much is queued."""
+        cost = nbytes + OP_COST * len(ops)
         with self._cv:
             while self._queued > self.MAX_QUEUED and self.error is None:
                 self._cv.wait()
             self._raise()
-            self._q.append((seq, ops, nbytes))
-            self._queued += nbytes
+            self._q.append((seq, ops, cost))
+            self._queued += cost
+            self._last_submit = time.monotonic()
             self._cv.notify_all()
 
     def wait(self, seq: int) -> None:
         """Return once every batch up to `seq` is on the primary (page cache)."""
         with self._cv:
+            if self.applied < seq and self._q:
+                self._want = max(self._want, seq)
+                self._cv.notify_all()
             while self.applied < seq and self._q and self.error is None:
                 self._cv.wait()
+            self._raise()
+
+    def check(self) -> None:
+        """Raise the error a primary write met, if any (a flush must not hide it)."""
+        with self._cv:
             self._raise()
 
     def close(self) -> None:
@@ -77,22 +111,31 @@ class Applier:
             raise e
         raise RewindError(f"writing the primary {self._primary.path} failed ({e}); the journal keeps the data")
 
+    def _due(self) -> float | None:
+        """0 when the head batch is to be applied now, else how long to wait (None: until told)."""
+        if not self._q:
+            return None
+        if self._stop or self.last is None or self._want > self.applied:
+            return 0.0
+        if self._queued >= LAZY_BYTES:
+            self._draining = True
+        elif self._queued < LAZY_BYTES // 2:
+            self._draining = False
+        if self._draining:
+            return 0.0
+        idle = time.monotonic() - self._last_submit
+        return 0.0 if idle >= LAZY_IDLE_S else LAZY_IDLE_S - idle
+
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._q and not self._stop:
-                    self._cv.wait()
-                if not self._q:
-                    return
-                seq, ops, nbytes = self._q[0]
+                while (delay := self._due()) != 0.0:
+                    if self._stop and not self._q:
+                        return
+                    self._cv.wait(delay)
+                seq, ops, cost = self._q[0]
             try:
-                fd, pwrite = self._primary.fd, os.pwrite
-                for op in ops:
-                    data = op[5]
-                    # the common small write inline: every bytecode here holds the GIL the
-                    # writer thread wants back after each of its syscalls
-                    if data is None or pwrite(fd, data, op[3]) != len(data):
-                        self._do(op)
+                self._apply(ops)
             except BaseException as e:  # keep it: every later write, flush and read reports it
                 with self._cv:
                     self.error = e
@@ -100,17 +143,37 @@ class Applier:
                 return
             with self._cv:
                 self._q.popleft()
-                self._queued -= nbytes
+                self._queued -= cost
                 self.applied = seq
                 self._cv.notify_all()
 
+    def _apply(self, ops: list[Op]) -> None:
+        last, bs = self.last, self._bs
+        pfd, pread, pwrite = self._primary.fd, os.pread, os.pwrite
+        jfd = self._journal._fd
+        for op in ops:
+            kind, segno, joff, poff, n, seq = op
+            if kind == WRITE and last is not None and poff % bs == 0 and n % bs == 0:
+                b0 = poff // bs
+                if n == bs:
+                    newer = last[b0]
+                    absorbed = seq < newer < LAST_NONE
+                else:
+                    run = last[b0 : b0 + n // bs]
+                    absorbed = seq < min(run) and max(run) < LAST_NONE
+                if absorbed:  # every block has a later write, queued behind this one
+                    self.skipped += 1
+                    continue
+            if kind == WRITE and n <= SMALL:
+                data = pread(jfd(segno), n, joff)
+                if len(data) == n and pwrite(pfd, data, poff) == n:
+                    continue
+            self._do(op)
+
     def _do(self, op: Op) -> None:
-        kind, segno, joff, poff, n, data = op
+        kind, segno, joff, poff, n, _seq = op
         if kind == ZERO:
             self._primary.zero(poff, n)
-            return
-        if data is not None:
-            self._primary.pwrite(poff, data)
             return
         src = self._journal._fd(segno)
         dst = self._primary.fd

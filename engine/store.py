@@ -56,7 +56,7 @@ INDEX_MAX_AGE_S = 2.0  # ...or when the oldest has waited this long (the journal
 INDEX_MAX_PENDING = 1_000_000  # rows not yet committed before writers wait for the indexer
 SYNC_INTERVAL_S = 1.0  # group commit: appended records become durable within this, or at FLUSH/FUA
 CHECKPOINT_S = 30.0  # the primary is synced (and the redo start moved on) at least this often...
-CHECKPOINT_BYTES = 1 << 30  # ...or when this much journal lies past the redo start (bounds the redo at open)
+CHECKPOINT_BYTES = 2 << 30  # ...or when this much journal lies past the redo start (bounds the redo at open)
 WRITE_RECORD_BYTES = 32 << 20
 _HOLE_BYTE = bytes([HOLE])
 LAST_MAX_BLOCKS = 1 << 25  # volumes up to this many blocks keep the last-write array (4 bytes a block)
@@ -249,7 +249,8 @@ class Store:
             raise
         self._dirty = False
         self._last_sync = time.monotonic()
-        self._applier = applier.Applier(self._primary, self.journal, self._head)
+        self._applier = applier.Applier(self._primary, self.journal, self._head, self.block_size)
+        self._applier.last = self._last
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._indexer = threading.Thread(target=self._index_loop, name="rewind-indexer", daemon=True)
@@ -487,7 +488,8 @@ class Store:
         """Commit the oldest pending generation. One that failed stays pending and goes first."""
         with self._lock:
             pending = self._frozen[0].last_seq if self._frozen else self._gen.last_seq
-        self._applier.wait(pending)  # the slow part, before taking the commit lock others need
+        if self._checkpoint_due():
+            self._applier.wait(pending)  # the slow part, before taking the commit lock others need
         with self._commit_lock:
             with self._lock:
                 if self._frozen:
@@ -703,12 +705,11 @@ class Store:
 
     def _write_unaligned(self, batch: _Batch, off: int, data: bytes | memoryview) -> None:
         """Read-modify-write the whole blocks around `data`, within the same batch: the blocks'
-        current contents are the primary (once queued writes land) overlaid with what this batch
-        already staged, so a request is never split over two journal appends."""
+        current contents are the live volume overlaid with what this batch already staged, so a
+        request is never split over two journal appends."""
         bs = self.block_size
-        self._applier.wait(self._head)
         a, e = off - off % bs, -(-(off + len(data)) // bs) * bs
-        buf = bytearray(self._primary.pread(a, e - a))
+        buf = bytearray(view.read_live(self, a, e - a))
         for _idx, poff, n, staged in batch.prim:
             lo, hi = max(poff, a), min(poff + n, e)
             if lo < hi:
@@ -860,14 +861,13 @@ class Store:
             oappend = ops.append
             nbytes = 0
             recs = batch.recs
-            small_max, w, z = applier.SMALL, applier.WRITE, applier.ZERO
-            for idx, poff, n, data in batch.prim:
+            w, z = applier.WRITE, applier.ZERO
+            for idx, poff, n, _data in batch.prim:
                 if idx < 0:
-                    oappend((z, 0, 0, poff, n, None))
+                    oappend((z, 0, 0, poff, n, 0))
                 else:
                     r = recs[idx]
-                    small = bytes(data) if n <= small_max and data is not None else None
-                    oappend((w, segno, start + r[5] + HEADER_SIZE + 4 * r[4], poff, n, small))
+                    oappend((w, segno, start + r[5] + HEADER_SIZE + 4 * r[4], poff, n, r[1]))
                     nbytes += n
             self._applier.submit(gen.last_seq, ops, nbytes)
         batch.clear()
@@ -903,9 +903,11 @@ class Store:
         if mode not in ("mirror", "watch"):
             raise BadInput(f"unknown mode {mode!r}")
         with self._lock:
+            self._applier.wait(self._head)  # absorption reads the last-write array being rebuilt
             self.meta["mode"] = mode
             _write_json(self.dir / "store.json", self.meta)
             self._build_state()
+            self._applier.last = self._last
 
     def flush(self, primary: bool = False) -> None:
         """Make every write so far durable (NBD FLUSH, FUA, fsync): the journal makes it so.
@@ -919,11 +921,11 @@ class Store:
         flush covers every write that came before it.
         """
         head = self._sync_journal()
-        # the primary file reads every write after a flush (page cache), and a failed primary
-        # write is reported here, never hidden behind a good flush
-        self._applier.wait(head)
         if primary:
+            self._applier.wait(head)
             self._primary.sync()
+        else:
+            self._applier.check()  # a failed primary write is reported, never hidden behind a good flush
         self._last_sync = time.monotonic()
 
     def _sync_journal(self) -> int:

@@ -74,9 +74,9 @@ class Volume:
         self._rw()
         self._store._write_many(reqs, fua)
 
-    def flush(self) -> None:
+    def flush(self, primary: bool = False) -> None:
         if not self.readonly:
-            self._store.flush()
+            self._store.flush(primary)
 
     def changes_since(self, point: str | int) -> list[tuple[int, int]]:
         return self._store.diff(point, self.seq)
@@ -121,9 +121,8 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
     store._check_range(off, n)
     if n == 0:
         return b""
-    if seq is None and not indexed:  # the live volume: what the primary holds once queued writes land
-        store._applier.wait(store._head)
-        return store._primary.pread(off, n)
+    if seq is None and not indexed:
+        return read_live(store, off, n)
     last = None if indexed or seq is None else _fast_past(store, seq)
     if last is not None and seq is not None:
         data = _read_unchanged(store, last, seq, off, n)
@@ -131,68 +130,89 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
             return data
     with store._turn():
         if seq is None or (seq >= store._head and not indexed):
-            store._applier.wait(store._head)
-            return store._primary.pread(off, n)
-        if seq < int(store.meta["horizon_seq"]):
-            raise PointError(f"seq:{seq} is older than the horizon")
-        store._addressable(seq, f"seq:{seq}")  # a view held across a fade must not read merged data
-        bs = store.block_size
-        a, e = off // bs, -(-(off + n) // bs)
-        if e - a == 1:  # the common small read: no run bookkeeping
-            return _read_one_block(store, a, seq)[off - a * bs : off - a * bs + n]
-        out = bytearray((e - a) * bs)
-        prim_run: list[int] = []  # [start, end) block run read from the primary
-        jrun: list[int] = []  # [start block, end block, first loc] contiguous in the journal
-        jcrcs: list[int] = []
+            return read_live(store, off, n)
+        return _read_past(store, seq, off, n, last, indexed)
 
-        def flush_prim() -> None:
-            if prim_run:
-                s, t = prim_run
-                out[(s - a) * bs : (t - a) * bs] = store._primary.pread(s * bs, (t - s) * bs)
-                prim_run.clear()
 
-        def flush_journal() -> None:
-            if jrun:
-                s, t, loc = jrun
-                _read_journal_run(store, out, (s - a) * bs, loc, jcrcs)
-                jrun.clear()
-                jcrcs.clear()
+def read_live(store: Store, off: int, n: int) -> bytes:
+    """The live volume: the primary, except blocks whose newest write is still queued for it
+    (the applier is lazy), which are read from the journal, as a past read of the head."""
+    store._check_range(off, n)
+    ap = store._applier
+    if not ap.lagging:
+        return store._primary.pread(off, n)
+    last = store._last
+    if last is None:  # without the last-write array the applier is never lazy: wait for it
+        ap.wait(store._head)
+        return store._primary.pread(off, n)
+    with store._turn():
+        return _read_past(store, store._head, off, n, last, False)
 
-        lookup = _range_lookup(store, a, e, seq) if e - a >= RANGE_QUERY_MIN else None
-        for b in range(a, e):
-            if last is not None and last[b] <= seq:
-                if last[b] > store._applier.applied:  # read from the primary once its last write landed
-                    store._applier.wait(last[b])
-                v = None
+
+def _read_past(store: Store, seq: int, off: int, n: int, last: array[int] | None, indexed: bool) -> bytes:
+    """Read [off, off+n) at `seq` (call under the store lock): versions from the pending
+    generations and the index, blocks with none from the primary."""
+    if n == 0:
+        return b""
+    if seq < int(store.meta["horizon_seq"]):
+        raise PointError(f"seq:{seq} is older than the horizon")
+    store._addressable(seq, f"seq:{seq}")  # a view held across a fade must not read merged data
+    bs = store.block_size
+    a, e = off // bs, -(-(off + n) // bs)
+    if e - a == 1:  # the common small read: no run bookkeeping
+        return _read_one_block(store, a, seq)[off - a * bs : off - a * bs + n]
+    out = bytearray((e - a) * bs)
+    prim_run: list[int] = []  # [start, end) block run read from the primary
+    jrun: list[int] = []  # [start block, end block, first loc] contiguous in the journal
+    jcrcs: list[int] = []
+
+    def flush_prim() -> None:
+        if prim_run:
+            s, t = prim_run
+            out[(s - a) * bs : (t - a) * bs] = store._primary.pread(s * bs, (t - s) * bs)
+            prim_run.clear()
+
+    def flush_journal() -> None:
+        if jrun:
+            s, t, loc = jrun
+            _read_journal_run(store, out, (s - a) * bs, loc, jcrcs)
+            jrun.clear()
+            jcrcs.clear()
+
+    lookup = _range_lookup(store, a, e, seq) if e - a >= RANGE_QUERY_MIN else None
+    for b in range(a, e):
+        if last is not None and last[b] <= seq and last[b] <= store._applier.applied:
+            v = None  # the primary holds the block as it was at `seq`
+        else:
+            v = version_at(store, b, seq) if lookup is None else lookup(b)
+        if v is None:
+            flush_journal()
+            if store._state[b] == TOUCHED and (last is None or last[b] > seq):
+                flush_prim()
+                continue  # a hole at the horizon, first written after `seq`
+            if prim_run and prim_run[1] == b:
+                prim_run[1] = b + 1
             else:
-                v = version_at(store, b, seq) if lookup is None else lookup(b)
-            if v is None:
-                flush_journal()
-                if store._state[b] == TOUCHED and (last is None or last[b] > seq):
-                    flush_prim()
-                    continue  # a hole at the horizon, first written after `seq`
-                if prim_run and prim_run[1] == b:
-                    prim_run[1] = b + 1
-                else:
-                    flush_prim()
-                    prim_run[:] = [b, b + 1]
-                continue
-            flush_prim()
-            _, loc, crc = v
-            if loc < 0:  # a ZERO record
-                flush_journal()
-                continue
-            if jrun and jrun[1] == b and jrun[2] + (b - jrun[0]) * bs == loc:
-                jrun[1] = b + 1
-                jcrcs.append(crc)
-            else:
-                flush_journal()
-                jrun[:] = [b, b + 1, loc]
-                jcrcs.append(crc)
+                flush_prim()
+                prim_run[:] = [b, b + 1]
+            continue
         flush_prim()
-        flush_journal()
-        lo = off - a * bs
-        return bytes(out[lo : lo + n])
+        _, loc, crc = v
+        if loc < 0:  # a ZERO record
+            flush_journal()
+            continue
+        if jrun and jrun[1] == b and jrun[2] + (b - jrun[0]) * bs == loc:
+            jrun[1] = b + 1
+            jcrcs.append(crc)
+        else:
+            flush_journal()
+            jrun[:] = [b, b + 1, loc]
+            jcrcs.append(crc)
+    flush_prim()
+    flush_journal()
+    lo = off - a * bs
+    return bytes(out[lo : lo + n])
+
 
 def _fast_past(store: Store, seq: int) -> array[int] | None:
     """The last-write array, if reads of `seq` may take the fast path (an addressable point
@@ -213,8 +233,8 @@ def _read_unchanged(store: Store, last: array[int], seq: int, off: int, n: int) 
     newest = last[a] if e - a == 1 else max(last[a:e])
     if newest > seq:
         return None
-    if store._applier.applied < newest:  # the primary holds the blocks once their last write lands
-        store._applier.wait(newest)
+    if store._applier.applied < newest:  # the primary does not hold them yet: read the journal
+        return None
     data = store._primary.pread(off, n)
     if (last[a] if e - a == 1 else max(last[a:e])) > seq:
         return None
