@@ -139,12 +139,16 @@ def read_live(store: Store, off: int, n: int) -> bytes:
     (the applier is lazy), which are read from the journal, as a past read of the head."""
     store._check_range(off, n)
     ap = store._applier
-    if not ap.lagging:
+    if not ap.lagging or n == 0:
         return store._primary.pread(off, n)
     last = store._last
     if last is None:  # without the last-write array the applier is never lazy: wait for it
         ap.wait(store._head)
         return store._primary.pread(off, n)
+    bs = store.block_size
+    a, e = off // bs, -(-(off + n) // bs)
+    if (last[a] if e - a == 1 else max(last[a:e])) <= ap.applied:
+        return store._primary.pread(off, n)  # these blocks' newest writes have landed
     with store._turn():
         return _read_past(store, store._head, off, n, last, False)
 
