@@ -200,6 +200,8 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
                 for b, s in chunk
                 if now.get(b) == (1, s) and all(g.lookup(b, 1 << 62) is None for g in (store._gen, *store._frozen))
             ]
+            if ok:  # an untouched block reads the primary: its last write must be there
+                store._applier.wait(max(s for _, s in ok))
             with db.write():
                 db.delete_versions(ok)
             store.forget()
