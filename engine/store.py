@@ -255,6 +255,9 @@ class Store:
         self._wake = threading.Event()
         self._indexer = threading.Thread(target=self._index_loop, name="rewind-indexer", daemon=True)
         self._indexer.start()
+        self._ckpt_wake = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="rewind-checkpoint", daemon=True)
+        self._checkpointer.start()
         self.live = Volume(self, None)
         self._refuse_full = self.retention()["on_full"] == "refuse"
 
@@ -272,7 +275,9 @@ class Store:
             self._closed = True
         self._stop.set()
         self._wake.set()
+        self._ckpt_wake.set()
         self._indexer.join()
+        self._checkpointer.join()
         try:
             self.flush(primary=True)
             try:
@@ -488,7 +493,8 @@ class Store:
         """Commit the oldest pending generation. One that failed stays pending and goes first."""
         with self._lock:
             pending = self._frozen[0].last_seq if self._frozen else self._gen.last_seq
-        if self._checkpoint_due():
+        watch = self.meta.get("mode") == "watch"
+        if watch:
             self._applier.wait(pending)  # the slow part, before taking the commit lock others need
         with self._commit_lock:
             with self._lock:
@@ -504,7 +510,7 @@ class Store:
             # checkpoints, and recovery redoes onto it everything from the last one on
             self._sync_journal()
             redo_from = None
-            if self._checkpoint_due():
+            if watch:  # a redo would overwrite changes made to the file since: checkpoint each commit
                 self._applier.wait(gen.last_seq)
                 self._primary.sync()
                 redo_from = gen.end_pos
@@ -515,13 +521,12 @@ class Store:
                 self._indexed_pos = max(self._indexed_pos, gen.end_pos)
             if redo_from is not None:
                 self._checkpointed()
+            elif self._checkpoint_due():
+                self._ckpt_wake.set()
             return True
 
     def _checkpoint_due(self) -> bool:
-        """Sync the primary at this commit? Always for a watched primary (a redo there would
-        overwrite changes made since); otherwise every CHECKPOINT_S or CHECKPOINT_BYTES."""
-        if self.meta.get("mode") == "watch":
-            return True
+        """Time for a checkpoint (watched primaries have one at every commit)?"""
         return (
             time.monotonic() - self._checkpoint_t >= CHECKPOINT_S
             or self.journal.total_bytes - self._checkpoint_bytes >= CHECKPOINT_BYTES
@@ -541,6 +546,28 @@ class Store:
             self._primary.sync()
             self._set_redo_start(pos)
             self._checkpointed()
+
+    def _checkpoint_loop(self) -> None:
+        """Checkpoints in their own thread: draining the applier and syncing the primary take
+        seconds under heavy writes, and the indexer must go on committing meanwhile (writers wait
+        for it once a million rows are pending)."""
+        while not self._stop.is_set():
+            self._ckpt_wake.wait()
+            self._ckpt_wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                with self._lock:
+                    seq, pos = self._indexed_seq, self._indexed_pos
+                self._applier.wait(seq)
+                self._primary.sync()
+                with self._commit_lock:
+                    if self._redo_pos is None or pos > self._redo_pos:
+                        self._set_redo_start(pos)
+                self._checkpointed()
+            except Exception as e:  # never die silently: tell the console; the next one retries
+                self._emit("error", {"message": f"checkpoint failed: {e}"})
+                time.sleep(1)
 
     def _set_redo_start(self, pos: tuple[int, int]) -> None:
         if pos == self._redo_pos:
@@ -696,7 +723,8 @@ class Store:
         held in memory, and the journal tail an open would have to redo, stay bounded."""
         self._wake.set()
         deadline = time.monotonic() + 10.0  # an index that cannot commit (full disk) must not hang writes
-        while self._pending_rows() > INDEX_MAX_PENDING // 2 and time.monotonic() < deadline and not self._closed:
+        # down to 90 %, one commit or so: waiting for half (as before) stalled a writer for seconds
+        while self._pending_rows() > INDEX_MAX_PENDING * 9 // 10 and time.monotonic() < deadline and not self._closed:
             time.sleep(0.005)
 
     def _pending_rows(self) -> int:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import pytest
+from rewind.engine import store as store_mod
 from rewind.engine.store import Store
 
 BS = 4096
@@ -76,5 +79,26 @@ def test_a_fade_checkpoints_first(tmp_path: Path) -> None:
         s.fade().run()
         after = (int(s._wdb.get_meta("redo_segno")), int(s._wdb.get_meta("redo_off")))
         assert after == s._indexed_pos and after != before
+    finally:
+        s.close()
+
+
+def test_checkpoints_run_beside_the_indexer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past CHECKPOINT_BYTES of journal, a checkpoint thread drains the applier, syncs the primary
+    and moves the redo start on by itself; the indexer goes on committing meanwhile."""
+    monkeypatch.setattr(store_mod, "CHECKPOINT_BYTES", 64 * BS)
+    img, st = tmp_path / "disk.img", tmp_path / "st"
+    s = Store.create(img, st, size=NBLOCKS * BS)
+    try:
+        start = (s._wdb.get_meta("redo_segno"), s._wdb.get_meta("redo_off"))
+        for i in range(200):
+            s.live.write_many([("write", (i % NBLOCKS) * BS, bytes([i % 250 + 1]) * BS)])
+        s._index_sync()
+        deadline = time.monotonic() + 10
+        while (s._wdb.get_meta("redo_segno"), s._wdb.get_meta("redo_off")) == start:
+            assert time.monotonic() < deadline, "no checkpoint ran"
+            time.sleep(0.02)
+        redo = (int(s._wdb.get_meta("redo_segno")), int(s._wdb.get_meta("redo_off")))
+        assert redo <= s._indexed_pos
     finally:
         s.close()
