@@ -12,9 +12,10 @@ unapplied write from the journal (view.read_live). Waiting pays twice:
 Lazy application needs the store's last-write array (`last`, per block the seq of its newest
 write); without it (a watched primary, a huge volume) every batch is applied at once.
 
-Ordering and durability stay simple: batches are applied in order; a checkpoint, a fade and close
-wait until everything is applied; recovery redoes every record past the last checkpoint, so a
-crash in between loses nothing.
+Ordering and durability stay simple: batches are applied in order; a checkpoint waits until
+everything it covers is applied (and syncs the journal, for the later writes that absorbed earlier
+ones), a fade until what it releases or removes is, close until everything is; recovery redoes
+every record past the last checkpoint, so a crash in between loses nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections import deque
 from .errors import NoSpace, RewindError
 from .journal.segments import Journal
 from .primary import Primary
+from .view import LAST_NONE
 
 WRITE = 0
 ZERO = 1
@@ -38,7 +40,6 @@ SMALL = 64 << 10  # up to this, pread + pwrite; bigger ones are copied in the ke
 LAZY_BYTES = 1 << 30  # queued this much, apply down to half of it
 LAZY_IDLE_S = 0.05  # or once no batch came for this long
 OP_COST = 256  # queue cost of one op beyond its bytes (zero ops carry none): bounds the queue's memory
-LAST_NONE = 0xFFFFFFFF  # store.LAST_NONE: a block whose newest seq is unknown
 
 
 class Applier:

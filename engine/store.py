@@ -44,7 +44,7 @@ from .maps import MapDB, MapInfo, Mark, Version
 from .points import check_mark_name, format_ns, parse_point
 from .primary import Primary
 from .retention import DEFAULT_POLICY, Policy
-from .view import HOLE, TOUCHED, UNTOUCHED, Volume
+from .view import HOLE, LAST_NONE, TOUCHED, UNTOUCHED, Volume
 
 FORMAT = 1
 # record kinds as plain ints: comparing with an IntEnum member costs six times more on the hot path
@@ -60,7 +60,6 @@ CHECKPOINT_BYTES = 2 << 30  # ...or when this much journal lies past the redo st
 WRITE_RECORD_BYTES = 32 << 20
 _HOLE_BYTE = bytes([HOLE])
 LAST_MAX_BLOCKS = 1 << 25  # volumes up to this many blocks keep the last-write array (4 bytes a block)
-LAST_NONE = 0xFFFFFFFF  # in the last-write array: unknown (a seq too big for 32 bits), ask the index
 assert WRITE_RECORD_BYTES <= MAX_RECORD_BYTES
 
 
@@ -543,6 +542,7 @@ class Store:
             with self._lock:
                 seq, pos = self._indexed_seq, self._indexed_pos
             self._applier.wait(seq)
+            self._sync_journal()  # see _checkpoint_loop
             self._primary.sync()
             self._set_redo_start(pos)
             self._checkpointed()
@@ -556,10 +556,16 @@ class Store:
             self._ckpt_wake.clear()
             if self._stop.is_set():
                 return
+            if not self._checkpoint_due():  # a wake-up from a commit while the last one ran
+                continue
             try:
                 with self._lock:
                     seq, pos = self._indexed_seq, self._indexed_pos
                 self._applier.wait(seq)
+                # a write before `pos` may have been skipped for a later one to the same blocks
+                # (absorption): that later record must be durable before the redo start passes
+                # the skipped one, or a power cut could lose both
+                self._sync_journal()
                 self._primary.sync()
                 with self._commit_lock:
                     if self._redo_pos is None or pos > self._redo_pos:

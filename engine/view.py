@@ -25,6 +25,9 @@ RANGE_QUERY_MIN = 16  # blocks: from here on one SQL query resolves the whole ra
 UNTOUCHED = 0  # no version since the horizon; primary still holds its horizon contents
 TOUCHED = 1  # has versions in the index
 HOLE = 2  # untouched and a hole in the image: its horizon contents are zeros, no baseline needed
+# In the store's last-write array (per block, the seq of its newest write): unknown, a seq too big
+# for 32 bits; ask the index
+LAST_NONE = 0xFFFFFFFF
 
 
 class Volume:
@@ -139,15 +142,19 @@ def read_live(store: Store, off: int, n: int) -> bytes:
     (the applier is lazy), which are read from the journal, as a past read of the head."""
     store._check_range(off, n)
     ap = store._applier
-    if not ap.lagging or n == 0:
-        return store._primary.pread(off, n)
     last = store._last
     if last is None:  # without the last-write array the applier is never lazy: wait for it
         ap.wait(store._head)
         return store._primary.pread(off, n)
+    if n == 0:
+        return b""
     bs = store.block_size
     a, e = off // bs, -(-(off + n) // bs)
-    if (last[a] if e - a == 1 else max(last[a:e])) <= ap.applied:
+    # `applied` before `last`: a write seen in `last` at or below it was written, not skipped (a
+    # skip needs a later write in `last` first, and `last` only grows)
+    applied = ap.applied
+    newest = last[a] if e - a == 1 else max(last[a:e])
+    if newest <= applied and newest != LAST_NONE:
         return store._primary.pread(off, n)  # these blocks' newest writes have landed
     with store._turn():
         return _read_past(store, store._head, off, n, last, False)
@@ -184,14 +191,15 @@ def _read_past(store: Store, seq: int, off: int, n: int, last: array[int] | None
             jcrcs.clear()
 
     lookup = _range_lookup(store, a, e, seq) if e - a >= RANGE_QUERY_MIN else None
+    applied = 0 if last is None else store._applier.applied  # no applier yet during recovery
     for b in range(a, e):
-        if last is not None and last[b] <= seq and last[b] <= store._applier.applied:
-            v = None  # the primary holds the block as it was at `seq`
-        else:
-            v = version_at(store, b, seq) if lookup is None else lookup(b)
+        lb = LAST_NONE if last is None else last[b]
+        unchanged = lb <= seq and lb <= applied and lb != LAST_NONE
+        # unchanged: the primary holds the block as it was at `seq`
+        v = None if unchanged else version_at(store, b, seq) if lookup is None else lookup(b)
         if v is None:
             flush_journal()
-            if store._state[b] == TOUCHED and (last is None or last[b] > seq):
+            if not unchanged and store._state[b] == TOUCHED:
                 flush_prim()
                 continue  # a hole at the horizon, first written after `seq`
             if prim_run and prim_run[1] == b:
@@ -235,7 +243,7 @@ def _read_unchanged(store: Store, last: array[int], seq: int, off: int, n: int) 
     bs = store.block_size
     a, e = off // bs, -(-(off + n) // bs)
     newest = last[a] if e - a == 1 else max(last[a:e])
-    if newest > seq:
+    if newest > seq or newest == LAST_NONE:  # LAST_NONE: a seq too big to keep, ask the index
         return None
     if store._applier.applied < newest:  # the primary does not hold them yet: read the journal
         return None

@@ -10,8 +10,9 @@ Most desktop programs (and the loop driver) only know files. Mounted at MNT:
 
 The size of the files is the volume's size and cannot change (like a block device): truncate to
 any other size fails with EPERM, so write with `dd conv=notrunc`. fsync and close (flush) make the
-writes durable (in the journal; the primary follows at the next index commit). Reads use the kernel page cache (no direct_io); past points are
-immutable so their cache is kept across opens.
+writes durable (in the journal; the primary follows lazily, and is synced at checkpoints and
+close). Reads use the kernel page cache (no direct_io); past points are immutable so their cache
+is kept across opens.
 """
 
 from __future__ import annotations
