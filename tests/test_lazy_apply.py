@@ -130,12 +130,17 @@ def test_random_histories_while_the_applier_lags(
             m.snap(s.head)
             clock.advance(1)
             assert s.live.read(0, SIZE) == bytes(m.cur)
-        for q, want in m.points.items():
-            assert s.at(q).read(0, SIZE) == want, f"seq {q}"
-        s.flush(primary=True)
-        assert img.read_bytes() == bytes(m.cur)
+        every_point_then_the_image(s, m, img)
     finally:
         s.close()
+
+
+def every_point_then_the_image(s: Store, m: Model, img: Path) -> None:
+    """Every recorded point reads as the model, and once the applier is drained, so does the file."""
+    for q, want in m.points.items():
+        assert s.at(q).read(0, SIZE) == want, f"seq {q}"
+    s.flush(primary=True)
+    assert img.read_bytes() == bytes(m.cur)
 
 
 def test_seqs_past_32_bits_read_right_while_the_applier_lags(tmp_path: Path, burst: None) -> None:
@@ -157,9 +162,6 @@ def test_seqs_past_32_bits_read_right_while_the_applier_lags(tmp_path: Path, bur
         assert s._applier.lagging
         assert s.live.read(0, SIZE) == bytes(m.cur)
         assert all(s.live.read(b * BS, BS) == m.cur[b * BS : (b + 1) * BS] for b in range(NBLOCKS))
-        for q, want in m.points.items():
-            assert s.at(q).read(0, SIZE) == want, f"seq {q}"
-        s.flush(primary=True)
-        assert img.read_bytes() == bytes(m.cur)
+        every_point_then_the_image(s, m, img)
     finally:
         s.close()
