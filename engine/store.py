@@ -538,14 +538,23 @@ class Store:
     def checkpoint(self) -> None:
         """Make the primary durable up to the index, so recovery redoes nothing before it (close,
         and a fade before it rewrites or deletes segments a redo might read)."""
+        with self._commit_lock:  # the index stays where it is until the redo start is there
+            self._checkpoint_now()
+
+    def _checkpoint_now(self) -> None:
+        """Drain the applier up to the index, make the primary durable, move the redo start there."""
+        with self._lock:
+            seq, pos = self._indexed_seq, self._indexed_pos
+        self._applier.wait(seq)
+        # a write before `pos` may have been skipped for a later one to the same blocks
+        # (absorption): that later record must be durable before the redo start passes the
+        # skipped one, or a power cut could lose both
+        self._sync_journal()
+        self._primary.sync()
         with self._commit_lock:
-            with self._lock:
-                seq, pos = self._indexed_seq, self._indexed_pos
-            self._applier.wait(seq)
-            self._sync_journal()  # see _checkpoint_loop
-            self._primary.sync()
-            self._set_redo_start(pos)
-            self._checkpointed()
+            if self._redo_pos is None or pos > self._redo_pos:
+                self._set_redo_start(pos)
+        self._checkpointed()
 
     def _checkpoint_loop(self) -> None:
         """Checkpoints in their own thread: draining the applier and syncing the primary take
@@ -559,18 +568,7 @@ class Store:
             if not self._checkpoint_due():  # a wake-up from a commit while the last one ran
                 continue
             try:
-                with self._lock:
-                    seq, pos = self._indexed_seq, self._indexed_pos
-                self._applier.wait(seq)
-                # a write before `pos` may have been skipped for a later one to the same blocks
-                # (absorption): that later record must be durable before the redo start passes
-                # the skipped one, or a power cut could lose both
-                self._sync_journal()
-                self._primary.sync()
-                with self._commit_lock:
-                    if self._redo_pos is None or pos > self._redo_pos:
-                        self._set_redo_start(pos)
-                self._checkpointed()
+                self._checkpoint_now()
             except Exception as e:  # never die silently: tell the console; the next one retries
                 self._emit("error", {"message": f"checkpoint failed: {e}"})
                 time.sleep(1)
