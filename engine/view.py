@@ -134,7 +134,7 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
     with store._turn():
         if seq is None or (seq >= store._head and not indexed):
             return read_live(store, off, n)
-        return _read_past(store, seq, off, n, last, indexed)
+        return _read_past(store, seq, off, n, last)
 
 
 def read_live(store: Store, off: int, n: int) -> bytes:
@@ -148,23 +148,16 @@ def read_live(store: Store, off: int, n: int) -> bytes:
         return store._primary.pread(off, n)
     if n == 0:
         return b""
-    bs = store.block_size
-    a, e = off // bs, -(-(off + n) // bs)
-    # `applied` before `last`: a write seen in `last` at or below it was written, not skipped (a
-    # skip needs a later write in `last` first, and `last` only grows)
-    applied = ap.applied
-    newest = last[a] if e - a == 1 else max(last[a:e])
-    if newest <= applied and newest != LAST_NONE:
-        return store._primary.pread(off, n)  # these blocks' newest writes have landed
+    data = _read_unchanged(store, last, store._head, off, n)  # their newest writes have landed
+    if data is not None:
+        return data
     with store._turn():
-        return _read_past(store, store._head, off, n, last, False)
+        return _read_past(store, store._head, off, n, last)
 
 
-def _read_past(store: Store, seq: int, off: int, n: int, last: array[int] | None, indexed: bool) -> bytes:
+def _read_past(store: Store, seq: int, off: int, n: int, last: array[int] | None) -> bytes:
     """Read [off, off+n) at `seq` (call under the store lock): versions from the pending
     generations and the index, blocks with none from the primary."""
-    if n == 0:
-        return b""
     if seq < int(store.meta["horizon_seq"]):
         raise PointError(f"seq:{seq} is older than the horizon")
     store._addressable(seq, f"seq:{seq}")  # a view held across a fade must not read merged data
@@ -242,10 +235,13 @@ def _read_unchanged(store: Store, last: array[int], seq: int, off: int, n: int) 
     to the range was staged meanwhile (staging comes before the primary write); None if any was."""
     bs = store.block_size
     a, e = off // bs, -(-(off + n) // bs)
+    # `applied` before `last`: a write seen in `last` at or below it was written, not skipped (a
+    # skip needs a later write in `last` first, and `last` only grows)
+    applied = store._applier.applied
     newest = last[a] if e - a == 1 else max(last[a:e])
     if newest > seq or newest == LAST_NONE:  # LAST_NONE: a seq too big to keep, ask the index
         return None
-    if store._applier.applied < newest:  # the primary does not hold them yet: read the journal
+    if applied < newest:  # the primary does not hold them yet: read the journal
         return None
     data = store._primary.pread(off, n)
     if (last[a] if e - a == 1 else max(last[a:e])) > seq:
