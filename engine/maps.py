@@ -21,6 +21,8 @@ from .journal.record import Kind
 
 SCHEMA_VERSION = 2
 BULK_ROWS = 64  # commits with this many rows of a table insert them in one statement
+MANY_CHUNK = 256  # blocks per newest_many statement (a statement per count, cached by SQLite)
+_ROWS = ["", *(",".join(["(?)"] * k) for k in range(1, MANY_CHUNK + 1))]
 JSON_CHUNK = 4096  # rows encoded per json.dumps call: each call holds the GIL throughout
 MARK_KIND = int(Kind.MARK)
 POINTS_CHUNK = 20_000  # points fetched per statement (see MapDB.points)
@@ -249,14 +251,18 @@ class MapDB:
         return out
 
     def newest_many(self, blocks: list[int], seq: int) -> dict[int, Version]:
-        """newest() for a list of blocks in one statement (two index probes each, inside SQLite)."""
+        """newest() for a list of blocks in one statement (two index probes each, inside SQLite).
+        The blocks are bound as a VALUES list: half the cost of decoding them from JSON."""
         out: dict[int, Version] = {}
-        for b, s, loc, crc in self.db.execute(
-            "SELECT v.block, v.seq, v.loc, v.crc FROM json_each(?) j JOIN versions v ON v.block = j.value"
-            " AND v.seq = (SELECT max(seq) FROM versions WHERE block = j.value AND seq <= ?)",
-            (json.dumps(blocks), seq),
-        ):
-            out[int(b)] = (int(s), int(loc), int(crc))
+        for i in range(0, len(blocks), MANY_CHUNK):
+            part = blocks[i : i + MANY_CHUNK]
+            for b, s, loc, crc in self.db.execute(
+                f"SELECT v.block, v.seq, v.loc, v.crc FROM (VALUES {_ROWS[len(part)]}) j JOIN versions v"
+                " ON v.block = j.column1 AND v.seq ="
+                " (SELECT max(seq) FROM versions WHERE block = j.column1 AND seq <= ?)",
+                (*part, seq),
+            ):
+                out[int(b)] = (int(s), int(loc), int(crc))
         return out
 
     def touched_blocks(self) -> Iterator[tuple[int, int]]:

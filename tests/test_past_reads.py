@@ -9,11 +9,14 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from refmodel import Clock, Model
+from rewind.engine import applier
 from rewind.engine.errors import PointError
 from rewind.engine.store import Store
 
@@ -99,9 +102,12 @@ def test_read_many_matches_model_at_every_point(seed: int, fade_at: int, reopen:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_past_reads_race_writers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lazy_bytes", [0, applier.LAZY_BYTES])
+def test_past_reads_race_writers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lazy_bytes: int) -> None:
     """Readers of a past point while writers overwrite the same blocks: the shortcut that reads
-    the primary must notice a write staged meanwhile and fall back to the journal."""
+    the primary must notice a write staged meanwhile and fall back to the journal. With an eager
+    applier (0) the primary is overwritten at once, so a missing re-check shows."""
+    monkeypatch.setattr(applier, "LAZY_BYTES", lazy_bytes)
     s = Store.create(tmp_path / "disk.img", tmp_path / "store", size=SIZE)
     rnd = random.Random(7)
     base = rnd.randbytes(SIZE)
@@ -109,6 +115,13 @@ def test_past_reads_race_writers(tmp_path: Path) -> None:
     point = s.head
     stop = threading.Event()
     errors: list[str] = []
+    pread = s._primary.pread
+
+    def slow_pread(off: int, n: int) -> bytes:  # widen the window between check and read
+        time.sleep(0.0002)
+        return pread(off, n)
+
+    monkeypatch.setattr(s._primary, "pread", slow_pread)
 
     def writer() -> None:
         r = random.Random(1)
