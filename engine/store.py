@@ -257,6 +257,8 @@ class Store:
         self._ckpt_wake = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="rewind-checkpoint", daemon=True)
         self._checkpointer.start()
+        self._warmers: list[threading.Thread] = []  # view.warm, one per served point
+        self._warmed: set[int] = set()
         self.live = Volume(self, None)
         self._refuse_full = self.retention()["on_full"] == "refuse"
 
@@ -277,6 +279,8 @@ class Store:
         self._ckpt_wake.set()
         self._indexer.join()
         self._checkpointer.join()
+        for t in self._warmers:
+            t.join()
         try:
             self.flush(primary=True)
             try:
@@ -976,6 +980,19 @@ class Store:
     def forget(self) -> None:
         """Versions were deleted or moved (fade): drop cached lookups. Call under the store lock."""
         self._vcache = {}
+        self._warmed = set()
+
+    def warm(self, seq: int) -> None:
+        """Look up in the background the versions at `seq` of the blocks written since, so that
+        a front end serving the point (a past export) does not pay an index query per block."""
+        with self._lock:
+            if self._closed or self._last is None or seq in self._warmed:
+                return
+            self._warmed.add(seq)
+            self._warmers = [t for t in self._warmers if t.is_alive()]
+            t = threading.Thread(target=view.warm, args=(self, seq), name="rewind-warm", daemon=True)
+            self._warmers.append(t)
+            t.start()
 
     def _read(self, seq: int | None, off: int, n: int, indexed: bool = False) -> bytes:
         return view.read_at(self, seq, off, n, indexed)

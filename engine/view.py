@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import PointError, ReadOnlyError
 from .journal.record import crc32c, zero_crc
-from .maps import Version
+from .maps import MapDB, Version
 
 if TYPE_CHECKING:
     from .store import Req, Store, _Gen
 
 VCACHE_MAX = 1 << 18  # cached past lookups (about 100 bytes each)
+WARM_CHUNK = 256  # blocks per query of view.warm
 RANGE_QUERY_MIN = 16  # blocks: from here on one SQL query resolves the whole range
 
 # Per-block state in the store's copy-on-first-write bitmap.
@@ -80,6 +81,11 @@ class Volume:
     def flush(self, primary: bool = False) -> None:
         if not self.readonly:
             self._store.flush(primary)
+
+    def warm(self) -> None:
+        """About to be served for a while: look up the changed blocks' versions in advance."""
+        if self._seq is not None:
+            self._store.warm(self._seq)
 
     def changes_since(self, point: str | int) -> list[tuple[int, int]]:
         return self._store.diff(point, self.seq)
@@ -325,6 +331,41 @@ def read_many(store: Store, seq: int, reqs: list[tuple[int, int]]) -> list[bytes
                 if out[i] is None:
                     out[i] = e
     return out  # type: ignore[return-value]
+
+
+def warm(store: Store, seq: int) -> None:
+    """Fill the lookup cache for `seq` (store.warm's thread): the blocks written since `seq`, from
+    the last-write array, looked up in chunks on a connection of its own (SQLite runs without the
+    GIL). Only a point the index covers whole (pending rows would be missed), and only as many
+    blocks as the cache holds; a fade that drops the cache meanwhile ends it (what it found may be
+    stale)."""
+    last = store._last
+    with store._lock:
+        cache = store._vcache
+        if last is None or not store.horizon <= seq < store._head or seq > store._indexed_seq:
+            return
+        room = (VCACHE_MAX - len(cache)) // 2
+    blocks: list[int] = []
+    for i in range(0, len(last), 1 << 16):
+        if store._stop.is_set():
+            return
+        blocks.extend(b for b, s in enumerate(last[i : i + (1 << 16)], i) if s > seq)  # LAST_NONE too
+        if len(blocks) > room:
+            return  # more than the cache keeps: leave them to the reads
+    if not blocks:
+        return
+    db = MapDB(store.dir / "maps.db", readonly=True)
+    try:
+        for i in range(0, len(blocks), WARM_CHUNK):
+            if store._stop.is_set():
+                return
+            got = db.newest_many(blocks[i : i + WARM_CHUNK], seq)
+            with store._lock:
+                if store._vcache is not cache or len(cache) + len(got) > VCACHE_MAX:
+                    return
+                cache.update(((b, seq), v) for b, v in got.items())
+    finally:
+        db.close()
 
 
 def _versions_many(store: Store, blocks: list[int], seq: int) -> dict[int, Version]:

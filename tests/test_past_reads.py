@@ -44,6 +44,7 @@ def _requests(rnd: random.Random, n: int) -> list[tuple[int, int]]:
 
 def _check_point(s: Store, seq: int, want: bytes, rnd: random.Random) -> None:
     v = s.at(seq)
+    v.warm()  # not joined: the lookups race the reads, writes and fades that follow
     reqs = _requests(rnd, 40)
     got = v.read_many(reqs)
     for (off, n), g in zip(reqs, got, strict=True):
@@ -150,3 +151,28 @@ def test_past_reads_race_writers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     threads[0].join()
     s.close()
     assert not errors, errors[:5]
+
+
+def test_warm_fills_the_lookup_cache(tmp_path: Path) -> None:
+    """A served past point has its changed blocks looked up in advance, with the answers a read
+    would get."""
+    s = Store.create(tmp_path / "disk.img", tmp_path / "store", size=SIZE)
+    rnd = random.Random(3)
+    base = rnd.randbytes(SIZE)
+    s.live.write(0, base)
+    point = s.head
+    changed = sorted(rnd.sample(range(NB), 20))
+    for b in changed:
+        s.live.write(b * BS, rnd.randbytes(BS))
+    s.live.write(changed[0] * BS, rnd.randbytes(BS))  # two versions after the point
+    s.live.flush()
+    s._index_sync()
+    s.at(point).warm()
+    for t in s._warmers:
+        t.join()
+    cached = sorted(b for b, q in s._vcache if q == point)
+    assert cached == changed, "every block written since the point is looked up, and only those"
+    for b in changed:
+        assert s._vcache[(b, point)] == s._db.newest(b, point)
+    assert s.at(point).read(0, SIZE) == base
+    s.close()

@@ -222,7 +222,9 @@ class _Ops(mfusepy.Operations):  # type: ignore[misc]
                 if acc != os.O_RDONLY:
                     raise OSError(errno.EROFS, f"{path} is a past point and read-only; use {point}.rw.img")
                 seq = self._resolve(point)
-                h = _Handle(self._store.at(seq), "at")
+                view = self._store.at(seq)
+                view.warm()  # its lookups start in the background
+                h = _Handle(view, "at")
                 if point.startswith(("seq:", "mark:")):
                     # Stable contents: keep the page cache across opens unless the name now
                     # means another seq (a mark removed and made again).

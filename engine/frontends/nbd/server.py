@@ -415,6 +415,9 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _enter_transmission(self, ex: Export) -> None:
         self.export = ex
+        warm = getattr(ex.vol, "warm", None)
+        if ex.readonly and warm is not None:
+            warm()  # a past point is about to be read: its lookups start in the background
         self._state = _ST_TRANSMIT
         self._need = _HDR
         log.debug("NBD client %s: export %r (%d bytes)", self.peer, ex.name, ex.size)
