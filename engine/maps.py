@@ -21,8 +21,8 @@ from .journal.record import Kind
 
 SCHEMA_VERSION = 2
 BULK_ROWS = 64  # commits with this many rows of a table insert them in one statement
-MANY_CHUNK = 256  # blocks per newest_many statement (a statement per count, cached by SQLite)
-_ROWS = ["", *(",".join(["(?)"] * k) for k in range(1, MANY_CHUNK + 1))]
+MANY_CHUNK = 256  # blocks per newest_many statement (a power of two)
+_ROWS = {1 << e: ",".join(["(?)"] * (1 << e)) for e in range(MANY_CHUNK.bit_length())}
 JSON_CHUNK = 4096  # rows encoded per json.dumps call: each call holds the GIL throughout
 MARK_KIND = int(Kind.MARK)
 POINTS_CHUNK = 20_000  # points fetched per statement (see MapDB.points)
@@ -252,15 +252,17 @@ class MapDB:
 
     def newest_many(self, blocks: list[int], seq: int) -> dict[int, Version]:
         """newest() for a list of blocks in one statement (two index probes each, inside SQLite).
-        The blocks are bound as a VALUES list: half the cost of decoding them from JSON."""
+        The blocks are bound as a VALUES list (half the cost of decoding them from JSON), padded
+        with -1 (no such block) to a power of two: a handful of statement texts for apsw to cache."""
         out: dict[int, Version] = {}
         for i in range(0, len(blocks), MANY_CHUNK):
             part = blocks[i : i + MANY_CHUNK]
+            k = 1 << (len(part) - 1).bit_length()
             for b, s, loc, crc in self.db.execute(
-                f"SELECT v.block, v.seq, v.loc, v.crc FROM (VALUES {_ROWS[len(part)]}) j JOIN versions v"
+                f"SELECT v.block, v.seq, v.loc, v.crc FROM (VALUES {_ROWS[k]}) j JOIN versions v"
                 " ON v.block = j.column1 AND v.seq ="
                 " (SELECT max(seq) FROM versions WHERE block = j.column1 AND seq <= ?)",
-                (*part, seq),
+                (*part, *[-1] * (k - len(part)), seq),
             ):
                 out[int(b)] = (int(s), int(loc), int(crc))
         return out

@@ -986,10 +986,10 @@ class Store:
         """Look up in the background the versions at `seq` of the blocks written since, so that
         a front end serving the point (a past export) does not pay an index query per block."""
         with self._lock:
-            if self._closed or self._last is None or seq in self._warmed:
-                return
-            self._warmed.add(seq)
             self._warmers = [t for t in self._warmers if t.is_alive()]
+            if self._closed or self._last is None or seq in self._warmed or self._warmers:
+                return  # one at a time: each scans the last-write array and has a connection
+            self._warmed.add(seq)
             t = threading.Thread(target=view.warm, args=(self, seq), name="rewind-warm", daemon=True)
             self._warmers.append(t)
             t.start()

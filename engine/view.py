@@ -291,7 +291,7 @@ def read_many(store: Store, seq: int, reqs: list[tuple[int, int]]) -> list[bytes
             if lb <= seq and lb <= applied and lb != LAST_NONE:
                 try:
                     out[i] = pread(off, n)
-                except OSError as e:  # reported per request, like any other read error
+                except Exception as e:  # reported per request, like any other read error
                     out[i] = e
                     continue
                 hits.append(i)
@@ -342,14 +342,20 @@ def warm(store: Store, seq: int) -> None:
     last = store._last
     with store._lock:
         cache = store._vcache
-        if last is None or not store.horizon <= seq < store._head or seq > store._indexed_seq:
+        if last is None or not store.horizon <= seq < store._head:
+            return
+        if seq > store._indexed_seq:  # not yet: the next open tries again
+            store._warmed.discard(seq)
             return
         room = (VCACHE_MAX - len(cache)) // 2
     blocks: list[int] = []
-    for i in range(0, len(last), 1 << 16):
+    for i in range(0, len(last), 1 << 12):
+        part = last[i : i + (1 << 12)]
+        if max(part) <= seq:  # (in C) most of a big volume is skipped here
+            continue
         if store._stop.is_set():
             return
-        blocks.extend(b for b, s in enumerate(last[i : i + (1 << 16)], i) if s > seq)  # LAST_NONE too
+        blocks.extend(b for b, s in enumerate(part, i) if s > seq)  # LAST_NONE too
         if len(blocks) > room:
             return  # more than the cache keeps: leave them to the reads
     if not blocks:
