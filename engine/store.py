@@ -257,7 +257,7 @@ class Store:
         self._ckpt_wake = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="rewind-checkpoint", daemon=True)
         self._checkpointer.start()
-        self._warmers: list[threading.Thread] = []  # view.warm, one per served point
+        self._warmer: threading.Thread | None = None  # view.warm, one point at a time
         self._warmed: set[int] = set()
         self.live = Volume(self, None)
         self._refuse_full = self.retention()["on_full"] == "refuse"
@@ -279,8 +279,8 @@ class Store:
         self._ckpt_wake.set()
         self._indexer.join()
         self._checkpointer.join()
-        for t in self._warmers:
-            t.join()
+        if self._warmer is not None:
+            self._warmer.join()
         try:
             self.flush(primary=True)
             try:
@@ -986,13 +986,12 @@ class Store:
         """Look up in the background the versions at `seq` of the blocks written since, so that
         a front end serving the point (a past export) does not pay an index query per block."""
         with self._lock:
-            self._warmers = [t for t in self._warmers if t.is_alive()]
-            if self._closed or self._last is None or seq in self._warmed or self._warmers:
+            busy = self._warmer is not None and self._warmer.is_alive()
+            if self._closed or self._last is None or seq in self._warmed or busy:
                 return  # one at a time: each scans the last-write array and has a connection
             self._warmed.add(seq)
-            t = threading.Thread(target=view.warm, args=(self, seq), name="rewind-warm", daemon=True)
-            self._warmers.append(t)
-            t.start()
+            self._warmer = threading.Thread(target=view.warm, args=(self, seq), name="rewind-warm", daemon=True)
+            self._warmer.start()
 
     def _read(self, seq: int | None, off: int, n: int, indexed: bool = False) -> bytes:
         return view.read_at(self, seq, off, n, indexed)

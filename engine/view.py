@@ -145,8 +145,8 @@ def read_at(store: Store, seq: int | None, off: int, n: int, indexed: bool = Fal
 
 def read_live(store: Store, off: int, n: int) -> bytes:
     """The live volume: the primary, except blocks whose newest write is still queued for it
-    (the applier is lazy), which are read from the journal, as a past read of the head."""
-    store._check_range(off, n)
+    (the applier is lazy), which are read from the journal, as a past read of the head. The
+    caller checks the range (read_at, and the read-modify-write of a checked write)."""
     ap = store._applier
     last = store._last
     if last is None:  # without the last-write array the applier is never lazy: wait for it

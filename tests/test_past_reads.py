@@ -168,8 +168,8 @@ def test_warm_fills_the_lookup_cache(tmp_path: Path) -> None:
     s.live.flush()
     s._index_sync()
     s.at(point).warm()
-    for t in s._warmers:
-        t.join()
+    assert s._warmer is not None
+    s._warmer.join()
     cached = sorted(b for b, q in s._vcache if q == point)
     assert cached == changed, "every block written since the point is looked up, and only those"
     for b in changed:

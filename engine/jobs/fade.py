@@ -181,7 +181,9 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
         )
     ]
     released = 0
-    if cand:  # outside the store lock: under heavy writes the applier may take seconds to get there
+    if cand:  # an untouched block reads the primary: its last write must be there. Waited for
+        # here, outside the store lock (under heavy writes that takes seconds), for every chunk:
+        # a block released below still has the one version listed here
         store._applier.wait(max(s for _, s in cand))
     for i in range(0, len(cand), CHUNK):
         check()
@@ -202,8 +204,6 @@ def _release(store: Store, db: MapDB, check: Callable[[], None],
                 for b, s in chunk
                 if now.get(b) == (1, s) and all(g.lookup(b, 1 << 62) is None for g in (store._gen, *store._frozen))
             ]
-            if ok:  # an untouched block reads the primary: its last write must be there (it is,
-                store._applier.wait(max(s for _, s in ok))  # since the wait above: this returns)
             with db.write():
                 db.delete_versions(ok)
             store.forget()

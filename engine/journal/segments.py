@@ -87,15 +87,15 @@ class TornTail(Exception):
         self.reason = reason
 
 
-def _open_noatime(path: Path) -> int:
-    """Open a segment without atime updates: past reads would otherwise dirty each segment's inode
-    once, and the filesystem journal commits that follow (with a cache flush) stall other reads.
-    O_NOATIME needs the file's owner; anyone else opens it plainly."""
-    flags = os.O_RDWR | os.O_CLOEXEC
+def _open_segment(path: Path, flags: int = 0) -> int:
+    """Open a segment read-write without atime updates: past reads would otherwise dirty each
+    segment's inode once, and the filesystem journal commits that follow (with a cache flush)
+    stall other reads. O_NOATIME needs the file's owner; anyone else opens it plainly."""
+    flags |= os.O_RDWR | os.O_CLOEXEC
     try:
-        return os.open(path, flags | getattr(os, "O_NOATIME", 0))
+        return os.open(path, flags | getattr(os, "O_NOATIME", 0), 0o600)
     except PermissionError:
-        return os.open(path, flags)
+        return os.open(path, flags, 0o600)
 
 
 class Journal:
@@ -136,13 +136,12 @@ class Journal:
     def _fd(self, segno: int) -> int:
         fd = self._fds.get(segno)
         if fd is None:
-            fd = _open_noatime(self.seg_path(segno))
+            fd = _open_segment(self.seg_path(segno))
             self._fds[segno] = fd
         return fd
 
     def _new_segment(self, segno: int) -> None:
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)  # see _open_noatime
-        fd = os.open(self.seg_path(segno), flags, 0o600)
+        fd = _open_segment(self.seg_path(segno), os.O_CREAT | os.O_EXCL)
         os.pwrite(fd, SEGMENT_HEADER.pack(SEGMENT_MAGIC, segno), 0)
         self._fds[segno] = fd
         self._dirty.add(segno)
