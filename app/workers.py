@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from PySide6.QtCore import QObject, QThread, Signal, Slot
+from rewind.engine.safefile import write_replace
 
 from .link import Link, WatchedStore, preview_retention
 from .preview import PreviewBuilder
@@ -346,12 +347,7 @@ class VolumeWorker(QObject):
         def run() -> None:
             assert self.builder is not None
             data = self.builder.read_file(seq, path)
-            tmp = Path(dest).with_name(f".{Path(dest).name}.rewind-partial")
-            try:
-                tmp.write_bytes(data)
-                tmp.replace(dest)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_replace(dest, data)  # a random O_EXCL|O_NOFOLLOW name, 0600: nothing planted is followed
             self.fileReady.emit("saved", dest, len(data))
         self._post("save-file", run)
 

@@ -308,6 +308,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
     if not os.path.isdir(store_parent):
         raise BadInput(f"{store_parent} does not exist; create it first or choose another --store")
     with Store.create(primary, args.store, size=args.size, block_size=args.block_size) as store:
+        _report_recovery(store)  # e.g. an existing empty --store directory made private (0700)
         _out(f"protecting {store.primary_path} ({human_bytes(store.size)}, {store.size} bytes, "
              f"block size {store.block_size}) in {store.dir}")
         _out(f"next: rewind serve {args.store}")

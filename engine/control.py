@@ -640,8 +640,9 @@ def _op_point_time(srv: ControlServer, args: dict[str, Json]) -> Json:
 
 
 def _op_stats(srv: ControlServer, args: dict[str, Json]) -> Json:
-    since = _arg_int(args, "since", required=False)
-    until = _arg_int(args, "until", required=False)
+    # Times in ns since the epoch fit SQLite's 64-bit integers; larger ones are bad input, not a crash.
+    since = _arg_int(args, "since", hi=(1 << 63) - 1, required=False)
+    until = _arg_int(args, "until", hi=(1 << 63) - 1, required=False)
     return srv.store.stats(since, until)
 
 

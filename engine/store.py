@@ -44,9 +44,11 @@ from .maps import MapDB, MapInfo, Mark, Version
 from .points import check_mark_name, format_ns, parse_point
 from .primary import Primary
 from .retention import DEFAULT_POLICY, Policy
+from .safefile import create_new, open_private, tighten
 from .view import HOLE, LAST_NONE, TOUCHED, UNTOUCHED, Volume
 
 FORMAT = 1
+FUTURE_SKEW_NS = 2 * 10**9  # clocks of two machines (a client naming a time) may differ this much
 # record kinds as plain ints: comparing with an IntEnum member costs six times more on the hot path
 K_WRITE, K_BASELINE, K_ZERO, K_MARK, K_UNMARK = (int(k) for k in (Kind.WRITE, Kind.BASELINE, Kind.ZERO, Kind.MARK, Kind.UNMARK))
 MAP_SPAN_NS = 60 * 10**9  # a new delta map at least every minute of writes
@@ -139,6 +141,9 @@ class Store:
             raise BadInput(f"{d} already holds a protection: open it, or pick an empty directory")
         if d.exists() and (not d.is_dir() or any(d.iterdir())):
             raise BadInput(f"{d} exists and is not an empty directory: pick a new directory for the store")
+        if d.exists() and d.stat().st_uid != os.geteuid():  # its owner could read or swap our files
+            raise BadInput(f"{d} belongs to another user (uid {d.stat().st_uid}): pick a directory you own "
+                           "or a new path for the store")
         if not d.parent.is_dir():
             raise BadInput(f"{d.parent} does not exist: create it first")
         if p == d or d in p.parents:
@@ -152,8 +157,11 @@ class Store:
                 raise BadInput(f"{p.parent} does not exist: create it first")
             if size % block_size:
                 raise BadInput(f"size {size} is not a multiple of the block size {block_size}")
-            with open(p, "xb") as f:
-                f.truncate(size)
+            fd = create_new(p)  # 0600, and never through a link planted at that name
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
         prim = Primary(p)
         try:
             if size is not None and prim.size != size:
@@ -168,7 +176,15 @@ class Store:
         finally:
             prim.close()
         now = (clock or time.time_ns)()
-        d.mkdir(mode=0o700, exist_ok=True)
+        notes: list[str] = []
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:  # the empty directory checked above: the history must be private
+            if d.stat().st_mode & 0o077:
+                d.chmod(0o700)
+                notes.append(f"{d} was readable by other users: made it private (0700)")
+        (d / "journal").mkdir(mode=0o700)
+        os.close(create_new(d / "maps.db"))  # SQLite keeps an empty file's mode 0600, and gives it to -wal/-shm
         meta = {
             "format": FORMAT,
             "uuid": str(uuid.uuid4()),
@@ -181,7 +197,9 @@ class Store:
             "mode": "mirror",
         }
         _write_json(d / "store.json", meta)
-        return cls.open(d, clock=clock)
+        store = cls.open(d, clock=clock)
+        store.recovery[:0] = notes
+        return store
 
     @classmethod
     def open(cls, store_dir: str | Path, clock: Callable[[], int] | None = None) -> Store:
@@ -219,6 +237,7 @@ class Store:
             ) from None
         os.ftruncate(self._lockfd, 0)
         os.pwrite(self._lockfd, str(os.getpid()).encode(), 0)
+        self.recovery += tighten(d)  # a store made by an older version, or chmod-ed since: private again
         try:
             self._primary = Primary(self.primary_path)
             if self._primary.size != self.size:
@@ -1011,7 +1030,8 @@ class Store:
 
     def resolve(self, point: str | int) -> int:
         """POINT -> record sequence number, or PointError saying what is addressable."""
-        p = parse_point(point, self.clock())
+        now = self.clock()
+        p = parse_point(point, now)
         with self._lock:
             hz, head = self.horizon, self._head
             if p.kind == "now":
@@ -1032,6 +1052,13 @@ class Store:
                     f"{point} is before the horizon ({format_ns(int(self.meta['horizon_ns']))}): nothing older is kept"
                 )
             if t >= self._last_time:
+                # Between the newest write and now the volume held the newest state; a time past
+                # the clock (beyond a little skew) names a state that does not exist yet.
+                if t > max(now, self._last_time) + FUTURE_SKEW_NS:
+                    raise PointError(
+                        f"{point} is in the future (it is {format_ns(now)}): the newest point is seq:{head} "
+                        f"({format_ns(self._last_time)}); use now for the present"
+                    )
                 return head
             for gen in (self._gen, *reversed(self._frozen)):
                 i = bisect.bisect_right(gen.records, t, key=lambda r: r[1])
@@ -1374,7 +1401,7 @@ class _Batch:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
+    with open(open_private(tmp), "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())

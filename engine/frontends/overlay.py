@@ -60,7 +60,7 @@ class Overlay:
     def _scratch_fd(self) -> int:
         if self._fd is None:
             self.scratch.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(self.scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             os.ftruncate(fd, self.size)
             self._fd = fd
         return self._fd

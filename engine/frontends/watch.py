@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from ..errors import BadInput, RewindError
+from ..safefile import open_private
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -117,7 +118,7 @@ def clone_file(src: str | Path, dst: str | Path) -> str:
 
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
+    with open(open_private(tmp), "w") as f:
         json.dump(data, f, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
@@ -255,7 +256,7 @@ class Watcher:
         if sys.byteorder != "little":
             d.byteswap()
         tmp = self.dir / (DIGESTS + ".tmp")
-        with open(tmp, "wb") as f:
+        with open(open_private(tmp), "wb") as f:
             f.write(d.tobytes())
             f.flush()
             os.fsync(f.fileno())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput, NoSpace
+from ..safefile import create_beside
 from . import Job, Progress
 
 if TYPE_CHECKING:
@@ -18,9 +19,11 @@ CHUNK = 4 << 20
 
 
 def export_job(store: Store, seq: int, out: str | Path) -> Job:
-    """Checks OUT now (bad input fails before any work); the job writes OUT.partial, then renames.
+    """Checks OUT now (bad input fails before any work); the job writes a hidden file with a random
+    name beside OUT (created O_EXCL|O_NOFOLLOW, mode 0600: see safefile), then renames it onto OUT.
 
     Cancelled, failed or killed, it leaves no OUT behind (only a hidden partial file if killed).
+    The image is private (0600) whatever the primary's mode: it holds the volume's data.
     """
     dest = Path(out).absolute()
     if dest.is_dir():
@@ -32,8 +35,7 @@ def export_job(store: Store, seq: int, out: str | Path) -> Job:
     size = store.size
 
     def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
-        tmp = dest.with_name(f".{dest.name}.rewind-partial")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd, tmp = create_beside(dest)
         ok = False
         try:
             os.ftruncate(fd, size)

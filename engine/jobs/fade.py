@@ -33,6 +33,7 @@ from ..journal.record import (
 from ..journal.segments import LOC_SHIFT, make_loc, record_of_zero, split_loc, zero_loc
 from ..maps import MapDB, json_rows
 from ..retention import Plan, plan, removable_versions
+from ..safefile import open_private
 from ..view import UNTOUCHED
 from . import Progress
 
@@ -306,7 +307,7 @@ def compact_segment(store: Store, db: MapDB, segno: int, mark_seqs: set[int]) ->
         by_rec.setdefault(k, []).append(row)
     new_path = j.seg_path(segno).with_name(j.seg_path(segno).name + ".new")
     moves: list[tuple[int, int, int]] = []  # (new loc, block, seq)
-    with open(new_path, "wb") as out, open(j.seg_path(segno), "rb") as src:
+    with open(open_private(new_path), "wb") as out, open(j.seg_path(segno), "rb") as src:
         out.write(SEGMENT_HEADER.pack(SEGMENT_MAGIC, segno))
         pos = SEGMENT_HEADER_SIZE
         for k, rec in enumerate(recs):
