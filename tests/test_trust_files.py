@@ -360,3 +360,22 @@ def test_nbd_refuses_a_future_point(work: Path) -> None:
         r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 65 0 8192", uri],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
+
+
+def test_write_replace_for_the_console_save_is_private_and_ignores_planted_names(tmp_path: Path) -> None:
+    """The console's "save file as it was" writes through safefile.write_replace (it used a fixed
+    `.DEST.rewind-partial` name too)."""
+    from rewind.engine.safefile import write_replace
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    (tmp_path / ".saved.txt.rewind-partial").symlink_to(victim)
+    old = os.umask(0o022)
+    try:
+        write_replace(tmp_path / "saved.txt", b"old contents")
+    finally:
+        os.umask(old)
+    assert victim.read_bytes() == b"keep"
+    assert (tmp_path / "saved.txt").read_bytes() == b"old contents"
+    assert stat.S_IMODE((tmp_path / "saved.txt").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".saved.txt.rewind-partial", "saved.txt", "victim"]
