@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from rewind.engine.frontends.nbd import protocol as P
 from rewind.engine.frontends.nbd.protocol import NbdClient, NbdError
-from rewind.engine.frontends.nbd.server import LineLimiter, NbdServer
+from rewind.engine.frontends.nbd.server import NbdServer
 from rewind.engine.store import Store
 
 REWIND = [str(Path(sys.executable).with_name("rewind"))]
@@ -444,6 +444,8 @@ def test_bad_export_names_log_little(tmp_path: Path) -> None:
 
 def test_line_limiter_counts_what_it_leaves_out(caplog: pytest.LogCaptureFixture) -> None:
     import logging
+
+    from rewind.engine.frontends.nbd.server import LineLimiter
 
     now = [0.0]
     lim = LineLimiter(logging.getLogger("rewind.test-limit"), burst=3, window=60.0, clock=lambda: now[0])
