@@ -285,7 +285,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             _limited(logging.WARNING, "NBD: %d clients connected already (the limit): refused %s",
                      len(self.conns), self.peer)
             self._state = _ST_CLOSED
-            transport.abort()
+            transport.close()  # a plain hang-up before the greeting: the client sees EOF
             return
         self.conns.add(self)
         self._sock = sock
@@ -413,7 +413,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         old_mv = self._mv
         self._buf, self._mv = new, mv
         self._start, self._end = 0, n
-        old_mv.release()  # lets the old buffer be unmapped now (write_many kept no views of it)
+        with contextlib.suppress(BufferError):
+            old_mv.release()  # lets the old buffer be unmapped now (write_many kept no views of it)
         if size > _INITIAL_BUF and self._tidy is None and self._state != _ST_CLOSED:
             self._received = 0
             self._tidy = asyncio.get_running_loop().call_later(_TIDY_S, self._tidy_buffer)
@@ -641,7 +642,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             _limited(logging.WARNING, "NBD client %s: cannot open export: %s: %s", self.peer,
                      type(e).__name__, e)
             _debug_traceback(e)
-            self._opt_reply(opt, P.REP_ERR_PLATFORM, _short(f"cannot open export: {e}").encode()[:4096])
+            # a name the engine choked on (a number out of range) is the client's to fix
+            rtype = P.REP_ERR_INVALID if isinstance(e, (ValueError, ArithmeticError)) else P.REP_ERR_PLATFORM
+            self._opt_reply(opt, rtype, _short(f"cannot open export: {e}").encode()[:4096])
             return
         self._opt_reply(opt, P.REP_INFO, P.S_INFO_EXPORT.pack(P.INFO_EXPORT, ex.size, ex.flags))
         bs = max(1, min(int(self.store.block_size), P.MAX_PAYLOAD))
