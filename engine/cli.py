@@ -105,6 +105,12 @@ def parse_nbd_address(text: str) -> str:
     raise BadInput(f"bad --nbd '{text}': give unix:PATH or tcp:HOST:PORT")
 
 
+def parse_connections(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100_000:
+        raise BadInput(f"bad --nbd-max-connections '{text}': give a number from 1 to 100000")
+    return int(text)
+
+
 def _argtype(fn: Callable[[str], Any]) -> Callable[[str], Any]:
     """Wrap a parser so argparse reports our one-line message (argparse hides ValueError text)."""
 
@@ -147,7 +153,17 @@ def build_parser() -> ArgumentParser:
     c = sub.add_parser("serve", help="run the front ends (NBD, FUSE, watch) until SIGINT/SIGTERM")
     c.add_argument("dir", metavar="DIR")
     c.add_argument("--nbd", action="append", type=_argtype(parse_nbd_address), metavar="ADDR",
-                   help="unix:PATH or tcp:HOST:PORT (repeatable; default unix:DIR/nbd.sock)")
+                   help="unix:PATH or tcp:HOST:PORT (repeatable; default unix:DIR/nbd.sock); TCP is "
+                   "loopback only unless --nbd-allow-remote")
+    c.add_argument("--nbd-allow-remote", action="store_true",
+                   help="let --nbd tcp: listen on addresses other machines can reach (needs TLS)")
+    c.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM) for NBD over TCP; TLS is then required")
+    c.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    c.add_argument("--tls-ca", metavar="FILE", help="CA (PEM): NBD clients must show a certificate it signed")
+    c.add_argument("--tls-creds", metavar="DIR",
+                   help="like qemu: DIR/server-cert.pem, DIR/server-key.pem and, if present, DIR/ca-cert.pem")
+    c.add_argument("--nbd-max-connections", type=_argtype(parse_connections), default=None, metavar="N",
+                   help="NBD clients at once per address (default 128); more are hung up on")
     c.add_argument("--fuse", metavar="MOUNTPOINT", help="show the volume and past points as files")
     c.add_argument("--watch", action="store_true", help="journal changes other programs make to PRIMARY")
     c.set_defaults(func=cmd_serve)
@@ -575,6 +591,42 @@ def cmd_fade(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- serve
 
 
+def _nbd_options(args: argparse.Namespace) -> dict[str, Any]:
+    """NbdServer's keyword arguments from serve's options: TLS, remote access, connection cap.
+    TCP is loopback only unless --nbd-allow-remote, and then TLS is required; TLS, once given,
+    is required of every TCP client (unix sockets are checked by the peer's uid instead)."""
+    from .frontends.nbd.server import check_tcp_policy, parse_address, tcp_is_loopback, tls_context
+
+    cert, key, ca = args.tls_cert, args.tls_key, args.tls_ca
+    if args.tls_creds:
+        if cert or key:
+            raise BadInput("give --tls-creds DIR or --tls-cert/--tls-key, not both")
+        creds = Path(args.tls_creds)
+        if not creds.is_dir():
+            raise BadInput(f"--tls-creds {creds}: no such directory (it holds server-cert.pem and server-key.pem)")
+        cert, key = str(creds / "server-cert.pem"), str(creds / "server-key.pem")
+        if ca is None and (creds / "ca-cert.pem").exists():
+            ca = str(creds / "ca-cert.pem")
+    if bool(cert) != bool(key):
+        raise BadInput("--tls-cert and --tls-key go together: give both (or --tls-creds DIR)")
+    if ca and not cert:
+        raise BadInput("--tls-ca needs --tls-cert and --tls-key (or --tls-creds DIR)")
+    tls = tls_context(cert, key, ca) if cert else None
+    remote = False
+    for addr in args.nbd or []:
+        kind, host, _port = parse_address(addr)
+        if kind == "tcp":
+            check_tcp_policy(host, args.nbd_allow_remote, tls is not None)
+            remote = remote or not tcp_is_loopback(host)
+    if remote and not ca:
+        _err("warning: NBD over TLS without --tls-ca: any client that reaches the port can read and write "
+             "the volume; give --tls-ca (or ca-cert.pem in --tls-creds) to require client certificates")
+    opts: dict[str, Any] = {"allow_remote": bool(args.nbd_allow_remote), "tls": tls}
+    if args.nbd_max_connections is not None:
+        opts["max_connections"] = args.nbd_max_connections
+    return opts
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .control import ControlServer
     from .store import Store
@@ -582,6 +634,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     d = _store_dir(args.dir)
     if args.fuse and not os.path.isdir(args.fuse):
         raise BadInput(f"--fuse {args.fuse}: no such directory; create the mount point first")
+    nbd_options = _nbd_options(args)  # refuses unsafe TCP addresses before the store is opened
     stop = threading.Event()
     got: list[int] = []
 
@@ -602,7 +655,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .frontends.nbd.server import NbdServer
 
         for addr in addresses:
-            srv = NbdServer(store, addr)
+            srv = NbdServer(store, addr, **nbd_options)
             srv.start()
             started.append(srv)
             uris.append(str(getattr(srv, "uri", addr)))

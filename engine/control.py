@@ -33,7 +33,6 @@ import json
 import os
 import select
 import socket
-import struct
 import tempfile
 import threading
 import time
@@ -44,6 +43,7 @@ from typing import Any, TypeGuard
 from . import errors
 from .errors import BadInput, RewindError, StoreLocked
 from .jobs import Progress, end_state
+from .peercred import peer_allowed
 
 SOCKET_NAME = "control.sock"
 REQUEST_MAX = 1 << 20  # a request line (paths, names, points) never needs more
@@ -283,12 +283,6 @@ def _arg_int(args: dict[str, Json], key: str, lo: int = 0, hi: int | None = None
 # ---------------------------------------------------------------- server
 
 
-def _peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
 class ControlServer:
     """Serves control requests on `path` for `store` from a background thread."""
 
@@ -377,12 +371,7 @@ class ControlServer:
                     return
                 time.sleep(0.05)
                 continue
-            try:
-                uid = _peer_uid(conn)
-            except OSError:
-                conn.close()
-                continue
-            if uid not in (os.getuid(), 0):
+            if not peer_allowed(conn):  # another user (the 0600 mode should have kept them out)
                 conn.close()
                 continue
             with self._lock:

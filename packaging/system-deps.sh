@@ -2,7 +2,7 @@
 # Install the Debian/Ubuntu packages Rewind's tests and console use, when they are missing.
 # As root: apt-get update, then apt-get install -y. Otherwise: say exactly what to run.
 set -euo pipefail
-pkgs=(qemu-utils libnbd-bin nbdkit fio e2fsprogs dosfstools fuse3 xvfb util-linux
+pkgs=(qemu-utils libnbd-bin nbdkit fio e2fsprogs dosfstools fuse3 xvfb util-linux openssl
       libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-shape0 libxcb-xkb1 libxkbcommon-x11-0
       libxcb-render-util0 libxcb-image0 libegl1 libgl1 libfontconfig1 libdbus-1-3 libglib2.0-0)
 if ! command -v dpkg-query >/dev/null 2>&1; then

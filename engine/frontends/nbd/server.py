@@ -18,18 +18,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno as _errno
+import ipaddress
 import logging
+import mmap
 import os
 import shutil
 import socket
+import ssl
 import stat
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from rewind.engine.errors import BadInput, CorruptionError, NoSpace, ReadOnlyError
+from rewind.engine.peercred import peer_allowed
 
 from . import protocol as P
 
@@ -37,14 +42,20 @@ log = logging.getLogger("rewind.nbd")
 
 _HDR = P.S_REQUEST.size  # 28
 _REPLY = P.S_SIMPLE_REPLY
-_INITIAL_BUF = 4 * 1024 * 1024  # per-connection receive buffer; grows to fit the largest request
-_MIN_FREE = 256 * 1024  # keep at least this much room for recv_into
+_INITIAL_BUF = 64 * 1024  # per-connection receive buffer at first: an idle client costs little
+_STEADY_BUF = 4 * 1024 * 1024  # a busy one grows to this (several 1 MiB writes per recv) ...
+# ... or to fit its largest request (up to MAX_PAYLOAD), and shrinks back once it goes quiet
+_TIDY_S = 1.0  # how often a grown buffer is looked at for shrinking
+_MIN_FREE = 256 * 1024  # keep at least this much room for recv_into (a quarter of a smaller buffer)
 _CHEAP_MOVE = 64 * 1024  # move a partial request this small to the front rather than recv dribbles
 _IOV_MAX = 1024
 _MAX_OPTIONS = 10_000  # a handshake that never ends is a client bug (or an attack)
 _BUF_SOCK = 4 * 1024 * 1024  # socket buffers: fewer syscalls for 1 MiB requests
 _OUT_HIGH = 8 * 1024 * 1024  # transport write buffer limit before we stop reading requests
 _MAX_OUT = 64 * 1024 * 1024  # reply bytes one pass may queue: pipelined 32 MiB reads cannot OOM us
+MAX_CONNECTIONS = 128  # clients at once per server; more are hung up on at once
+HANDSHAKE_TIMEOUT_S = 10.0  # from connect to OPT_GO (TLS included); qemu-nbd's default too
+_LOG_BURST, _LOG_WINDOW_S = 10, 60.0  # client-triggered log lines: this many per window, then a count
 
 LIVE_FLAGS = (P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_SEND_FUA | P.TF_SEND_TRIM
               | P.TF_SEND_WRITE_ZEROES | P.TF_CAN_MULTI_CONN)
@@ -116,27 +127,100 @@ def open_export(store: StoreLike, name: str) -> Export:
     raise UnknownExport(f'no export {name!r}: use "" for the live volume or "at=POINT" for a past point')
 
 
+class LineLimiter:
+    """Log at most `burst` lines per `window` seconds, then count the rest and say how many.
+
+    What a client can make us log (bad export names, engine errors its requests hit, refused
+    connections) goes through one of these: a client repeating a bad option 5,000 times must not
+    write 5,000 lines (or tracebacks) to serve's stderr. The count of the lines left out is logged
+    with the first line of the next window.
+    """
+
+    def __init__(self, logger: logging.Logger, burst: int = _LOG_BURST, window: float = _LOG_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.window = window
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._since = -window
+        self._count = 0
+        self.dropped = 0
+
+    def __call__(self, level: int, msg: str, *args: object) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
+        with self._lock:
+            now = self.clock()
+            dropped = 0
+            if now - self._since >= self.window:
+                dropped, self.dropped = self.dropped, 0
+                self._since, self._count = now, 0
+            if self._count >= self.burst:
+                self.dropped += 1
+                return
+            self._count += 1
+        if dropped:
+            self.logger.warning("NBD: %d more such lines in the last %.0f s were not logged", dropped, self.window)
+        text = (msg % args) if args else msg
+        self.logger.log(level, "%s", _short(text))
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """One line of at most `limit` characters: client-chosen text (names) is cut, never echoed whole."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_limited = LineLimiter(log)  # module-wide: many connections (or servers) share one budget
+
+
 def errno_for(exc: BaseException) -> int:
-    """The NBD error for an engine exception; unexpected ones are logged (the server lives on)."""
+    """The NBD error for an engine exception; unexpected ones are logged, one short rate-limited line
+    each (the server lives on; REWIND_DEBUG=1 adds the traceback, at debug level)."""
     if isinstance(exc, CorruptionError):
-        log.error("NBD request hit corruption: %s", exc)
+        _limited(logging.ERROR, "NBD request hit corruption: %s", exc)
         return P.EIO
     if isinstance(exc, ReadOnlyError):
         return P.EPERM
     if isinstance(exc, NoSpace):
-        log.warning("NBD write refused: %s", exc)
+        _limited(logging.WARNING, "NBD write refused: %s", exc)
         return P.ENOSPC
     if isinstance(exc, BadInput):
         return P.EINVAL
     if isinstance(exc, OSError) and exc.errno == _errno.ENOSPC:
-        log.warning("NBD write failed: %s", exc)
+        _limited(logging.WARNING, "NBD write failed: %s", exc)
         return P.ENOSPC
-    log.error("NBD request failed: %r", exc, exc_info=exc)
+    _limited(logging.ERROR, "NBD request failed: %s: %s", type(exc).__name__, exc)
+    _debug_traceback(exc)
     return P.EIO
 
 
+def _debug_traceback(exc: BaseException) -> None:
+    if os.environ.get("REWIND_DEBUG"):
+        log.error("traceback of %r", exc, exc_info=exc)
+
+
+class Policy:
+    """What a server allows its connections: how many at once, how long to negotiate, TLS."""
+
+    __slots__ = ("max_connections", "handshake_timeout", "tls")
+
+    def __init__(self, max_connections: int = MAX_CONNECTIONS, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.tls = tls
+
+
+def _new_buffer(size: int) -> mmap.mmap:
+    """A receive buffer of anonymous memory: pages cost RSS only once bytes land in them, and the
+    whole buffer goes back to the system when dropped (a freed 4 MiB bytearray may stay in the heap)."""
+    return mmap.mmap(-1, size)
+
+
 # --- one connection ----------------------------------------------------------------------------
-_ST_FLAGS, _ST_OPTIONS, _ST_TRANSMIT, _ST_CLOSED = range(4)
+_ST_FLAGS, _ST_OPTIONS, _ST_TRANSMIT, _ST_CLOSED, _ST_TLS = range(5)
 _KIND = {P.CMD_WRITE: "write", P.CMD_WRITE_ZEROES: "zero", P.CMD_TRIM: "trim"}
 _OK_FLAGS = {
     P.CMD_READ: P.CMD_FLAG_FUA | P.CMD_FLAG_DF,
@@ -151,17 +235,26 @@ _OK_FLAGS = {
 class NbdConnection(asyncio.BufferedProtocol):
     """The handshake and transmission phases of one client, driven by received bytes."""
 
-    def __init__(self, store: StoreLike, conns: set[NbdConnection]) -> None:
+    def __init__(self, store: StoreLike, conns: set[NbdConnection], policy: Policy | None = None) -> None:
         self.store = store
         self.conns = conns
+        self.policy = policy if policy is not None else Policy()
         self.export: Export | None = None
         self.transport: asyncio.Transport | None = None
+        self._sock: Any = None
         self._fd = -1
         self._state = _ST_FLAGS
         self._no_zeroes = False
         self._options = 0
-        self._buf = bytearray(_INITIAL_BUF)
+        self._tls_required = False  # TLS configured and a TCP client: nothing but STARTTLS before it
+        self._tls_task: asyncio.Task[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None  # the handshake timeout
+        self._tidy: asyncio.TimerHandle | None = None  # shrinks a grown buffer once the client is quiet
+        self._buf: mmap.mmap | bytearray = bytearray(0)  # allocated when the connection is accepted
         self._mv = memoryview(self._buf)
+        self._offered = 0  # room get_buffer gave the last recv: all of it filled means grow
+        self._filled = False
+        self._received = 0  # bytes since the last tidy tick
         self._start = 0
         self._end = 0
         self._need = 4  # bytes from _start the next item needs (sizes the buffer)
@@ -180,24 +273,57 @@ class NbdConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.conns.add(self)
-        transport.set_write_buffer_limits(high=_OUT_HIGH)
         sock = transport.get_extra_info("socket")
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        unix = sock is not None and sock.family == socket.AF_UNIX
+        if unix and not peer_allowed(sock):  # the socket is 0600; this catches a mode gone wrong
+            _limited(logging.WARNING, "NBD: refused a connection on the unix socket from another user")
+            self._state = _ST_CLOSED
+            transport.abort()
+            return
+        if len(self.conns) >= self.policy.max_connections:
+            _limited(logging.WARNING, "NBD: %d clients connected already (the limit): refused %s",
+                     len(self.conns), self.peer)
+            self._state = _ST_CLOSED
+            transport.close()  # a plain hang-up before the greeting: the client sees EOF
+            return
+        self.conns.add(self)
+        self._sock = sock
+        self._tls_required = self.policy.tls is not None and not unix
+        self._buf = _new_buffer(_INITIAL_BUF)
+        self._mv = memoryview(self._buf)
+        transport.set_write_buffer_limits(high=_OUT_HIGH)
         if sock is not None:
             self._fd = sock.fileno()
-            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, opt, _BUF_SOCK)
-        self.peer = str(transport.get_extra_info("peername") or "unix")
+        if self.policy.handshake_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(self.policy.handshake_timeout, self._handshake_expired)
         log.debug("NBD client connected: %s", self.peer)
         self._out.append(P.S_HANDSHAKE.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
         self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._state == _ST_CLOSED and self not in self.conns and not len(self._buf):
+            return  # already cleaned up (a failed TLS handshake reports it twice)
         self._state = _ST_CLOSED
         self.conns.discard(self)
         self.export = None
+        for timer in (self._deadline, self._tidy):
+            if timer is not None:
+                timer.cancel()
+        self._deadline = self._tidy = None
+        self._sock = None
+        self._release_buffer()
         log.debug("NBD client gone: %s (%s)", self.peer, exc)
+
+    def _handshake_expired(self) -> None:
+        """Connected this long without reaching transmission: hang up (an idle or stuck client)."""
+        self._deadline = None
+        if self._state in (_ST_TRANSMIT, _ST_CLOSED):
+            return
+        _limited(logging.INFO, "NBD client %s: no export chosen in %.0f s: dropped", self.peer,
+                 self.policy.handshake_timeout)
+        self._abort()
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop taking new requests until it does.
@@ -218,16 +344,26 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._start = self._end = start = end = 0
         cap = len(self._buf)
         need = max(self._need, _HDR)
+        if self._filled and cap < _STEADY_BUF:  # the last recv took all the room it had: a busy client
+            self._filled = False
+            self._make_room(need, min(2 * cap, _STEADY_BUF))
+            start, end, cap = self._start, self._end, len(self._buf)
+        min_free = min(_MIN_FREE, cap // 4)
         free = cap - end
         if start + need <= cap:  # the next item fits where it is
-            if free < _MIN_FREE and end - start <= _CHEAP_MOVE:
+            if free < min_free and end - start <= _CHEAP_MOVE:
                 self._make_room(need)  # but avoid recv dribbles at the very end of the buffer
-        elif start > 0 or free < _MIN_FREE:
+        elif start > 0 or free < min_free:
             self._make_room(need)  # move it to the front, growing the buffer as its bytes arrive
-        return self._mv[self._end :]
+        mv = self._mv[self._end :]
+        self._offered = len(mv)
+        return mv
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
+        self._received += nbytes
+        if nbytes >= self._offered:
+            self._filled = True
         self._run()
 
     def _run(self) -> None:
@@ -237,7 +373,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             try:
                 self._process()
             except Exception as e:  # a bug here must cost one connection, never the server
-                log.error("NBD connection %s failed: %r", self.peer, e, exc_info=e)
+                _limited(logging.ERROR, "NBD connection %s failed: %s: %s", self.peer, type(e).__name__, e)
+                _debug_traceback(e)
                 self._abort()
                 return
             self._send()
@@ -250,22 +387,64 @@ class NbdConnection(asyncio.BufferedProtocol):
         return None  # close our side too
 
     # buffer management
-    def _make_room(self, need: int) -> None:
-        """Move the unparsed bytes to the front, growing the buffer if the next item needs it."""
+    def _make_room(self, need: int, size: int = 0) -> None:
+        """Move the unparsed bytes to the front, growing the buffer to `size` or to what the next
+        item needs."""
         start, end = self._start, self._end
         n = end - start
         cap = len(self._buf)
-        want = max(need, n) + _MIN_FREE
-        if want > cap or start < n:  # grow, or the move would overlap: copy into a new buffer
+        min_free = min(_MIN_FREE, cap // 4)
+        want = max(need, n) + min_free
+        if want > cap or size > cap or start < n:  # grow, or the move would overlap: a new buffer
             # grow at most 2x per step: a client announcing a 32 MiB write and sending nothing
             # does not get 32 MiB of our memory until the bytes actually come
-            new = bytearray(max(cap, min(want, 2 * max(cap, n + _MIN_FREE))))
-            new[:n] = self._mv[start:end]
-            self._buf = new
-            self._mv = memoryview(new)
+            self._replace_buffer(max(cap, size, min(want, 2 * max(cap, n + min_free))))
         else:
-            self._buf[:n] = self._mv[start:end]
+            self._mv[:n] = self._mv[start:end]
+            self._start, self._end = 0, n
+
+    def _replace_buffer(self, size: int) -> None:
+        """A new buffer of `size` bytes holding the unparsed bytes at its front."""
+        start, end = self._start, self._end
+        n = end - start
+        new = _new_buffer(size)
+        mv = memoryview(new)
+        mv[:n] = self._mv[start:end]
+        old_mv = self._mv
+        self._buf, self._mv = new, mv
         self._start, self._end = 0, n
+        with contextlib.suppress(BufferError):
+            old_mv.release()  # lets the old buffer be unmapped now (write_many kept no views of it)
+        if size > _INITIAL_BUF and self._tidy is None and self._state != _ST_CLOSED:
+            self._received = 0
+            self._tidy = asyncio.get_running_loop().call_later(_TIDY_S, self._tidy_buffer)
+
+    def _tidy_buffer(self) -> None:
+        """Shrink a grown buffer: back to _STEADY_BUF after a big request, to _INITIAL_BUF when the
+        client sent nothing for a whole tick. Only an empty buffer is replaced (no views of it live)."""
+        self._tidy = None
+        if self._state == _ST_CLOSED:
+            return
+        cap = len(self._buf)
+        if self._start == self._end:
+            if self._received == 0:
+                target = _INITIAL_BUF
+            else:
+                target = min(cap, _STEADY_BUF)
+            if target < cap:
+                self._start = self._end = 0
+                self._replace_buffer(target)
+        self._received = 0
+        if len(self._buf) > _INITIAL_BUF and self._tidy is None:
+            self._tidy = asyncio.get_running_loop().call_later(_TIDY_S, self._tidy_buffer)
+
+    def _release_buffer(self) -> None:
+        """Give the buffer back at once on close (the protocol object may live on a little)."""
+        with contextlib.suppress(BufferError):
+            self._mv.release()
+        self._buf = bytearray(0)
+        self._mv = memoryview(self._buf)
+        self._start = self._end = 0
 
     # protocol
     def _process(self) -> None:
@@ -280,6 +459,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             if self._state == _ST_TRANSMIT:
                 self._transmit()
                 return
+            if self._state == _ST_TLS:
+                return  # the TLS handshake takes over the connection (see _start_tls)
             if self._state == _ST_FLAGS:
                 if self._end - self._start < 4:
                     self._need = 4
@@ -335,15 +516,26 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._out.append(data)
 
     def _handle_option(self, opt: int, data: bytes) -> None:
-        if opt == P.OPT_EXPORT_NAME:
+        if self._tls_required and opt not in (P.OPT_STARTTLS, P.OPT_ABORT):
+            if opt == P.OPT_EXPORT_NAME:  # no error reply exists for it: hang up (the NBD spec)
+                _limited(logging.INFO, "NBD client %s: EXPORT_NAME without TLS: dropped", self.peer)
+                self._abort()
+                return
+            self._opt_reply(opt, P.REP_ERR_TLS_REQD, b"this server requires TLS: send NBD_OPT_STARTTLS first")
+            return
+        if opt == P.OPT_STARTTLS:
+            self._starttls(data)
+        elif opt == P.OPT_EXPORT_NAME:
             try:
                 ex = open_export(self.store, data.decode("utf-8"))
             except (UnicodeDecodeError, UnknownExport) as e:
-                log.info("NBD client %s: EXPORT_NAME refused: %s", self.peer, e)
+                _limited(logging.INFO, "NBD client %s: EXPORT_NAME refused: %s", self.peer, e)
                 self._abort()
                 return
-            except Exception as e:
-                errno_for(e)
+            except Exception as e:  # an engine failure or bug on a client's name: one short line
+                _limited(logging.WARNING, "NBD client %s: cannot open export: %s: %s", self.peer,
+                         type(e).__name__, e)
+                _debug_traceback(e)
                 self._abort()
                 return
             self._out.append(P.S_EXPORT_NAME_REPLY.pack(ex.size, ex.flags))
@@ -373,8 +565,56 @@ class NbdConnection(asyncio.BufferedProtocol):
             for m in self.store.marks():
                 out.append((f"at=mark:{m.name}", f"mark {m.name} (seq {m.seq}, read-only)"))
         except Exception as e:
-            errno_for(e)
+            _limited(logging.WARNING, "NBD: cannot list the marks: %s: %s", type(e).__name__, e)
         return out
+
+    def _starttls(self, data: bytes) -> None:
+        """NBD_OPT_STARTTLS: acknowledge, then hand the socket to a TLS handshake (server side)."""
+        opt = P.OPT_STARTTLS
+        if self.policy.tls is None or self._sock is None or self._sock.family == socket.AF_UNIX:
+            self._opt_reply(opt, P.REP_ERR_UNSUP, b"TLS is not configured on this socket")
+            return
+        if not self._tls_required:
+            self._opt_reply(opt, P.REP_ERR_INVALID, b"TLS is already on")
+            return
+        if data:
+            self._opt_reply(opt, P.REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+            return
+        if self._end != self._start:  # the client must wait for our reply before its TLS hello
+            _limited(logging.INFO, "NBD client %s: data after STARTTLS before its reply: dropped", self.peer)
+            self._abort()
+            return
+        self._opt_reply(opt, P.REP_ACK)
+        self._send()
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.pause_reading()  # the next bytes are the TLS hello: they must not reach _process
+        self._state = _ST_TLS
+        self._tls_task = asyncio.get_running_loop().create_task(self._upgrade(t, self.policy.tls))
+
+    async def _upgrade(self, raw: asyncio.Transport, ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = max(1.0, self.policy.handshake_timeout) if self.policy.handshake_timeout > 0 else None
+        try:
+            tls = await loop.start_tls(raw, self, ctx, server_side=True, ssl_handshake_timeout=timeout)
+        except Exception as e:  # refused, timed out, bad hello, hung up: this client only
+            _limited(logging.INFO, "NBD client %s: TLS handshake failed: %s", self.peer, e)
+            self._abort()
+            self.connection_lost(None)
+            return
+        if tls is None or self._state == _ST_CLOSED:
+            self._abort()
+            return
+        self.transport = tls
+        self._fd = -1  # replies go through the TLS transport now, never raw to the socket
+        self._tls_required = False
+        tls.set_write_buffer_limits(high=_OUT_HIGH)
+        self._state = _ST_OPTIONS
+        self._need = P.S_OPTION.size
+        log.debug("NBD client %s: TLS on", self.peer)
+        if self._end > self._start:  # options that came with the end of the handshake, before we resumed
+            self._run()
 
     def _go_or_info(self, opt: int, data: bytes) -> None:
         if len(data) < 6:
@@ -398,9 +638,13 @@ class NbdConnection(asyncio.BufferedProtocol):
         except UnknownExport as e:
             self._opt_reply(opt, P.REP_ERR_UNKNOWN, str(e).encode()[:4096])
             return
-        except Exception as e:
-            errno_for(e)
-            self._opt_reply(opt, P.REP_ERR_PLATFORM, f"cannot open export: {e}".encode()[:4096])
+        except Exception as e:  # an engine failure or bug on a client's name: one short line
+            _limited(logging.WARNING, "NBD client %s: cannot open export: %s: %s", self.peer,
+                     type(e).__name__, e)
+            _debug_traceback(e)
+            # a name the engine choked on (a number out of range) is the client's to fix
+            rtype = P.REP_ERR_INVALID if isinstance(e, (ValueError, ArithmeticError)) else P.REP_ERR_PLATFORM
+            self._opt_reply(opt, rtype, _short(f"cannot open export: {e}").encode()[:4096])
             return
         self._opt_reply(opt, P.REP_INFO, P.S_INFO_EXPORT.pack(P.INFO_EXPORT, ex.size, ex.flags))
         bs = max(1, min(int(self.store.block_size), P.MAX_PAYLOAD))
@@ -415,6 +659,13 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _enter_transmission(self, ex: Export) -> None:
         self.export = ex
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._sock is not None:  # big socket buffers only for clients that move data
+            for so in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    self._sock.setsockopt(socket.SOL_SOCKET, so, _BUF_SOCK)
         warm = getattr(ex.vol, "warm", None)
         if ex.readonly and warm is not None:
             warm()  # a past point is about to be read: its lookups start in the background
@@ -656,6 +907,52 @@ def parse_address(address: str) -> tuple[str, str, int]:
     raise BadInput(f"bad NBD address {address!r}: use unix:PATH or tcp:HOST:PORT")
 
 
+def tcp_is_loopback(host: str) -> bool:
+    """True when every address HOST names is a loopback one (127.0.0.0/8, ::1): only this machine
+    can connect. 0.0.0.0, ::, a LAN address or a name that resolves to one is not."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise BadInput(f"cannot resolve NBD host {host!r}: {e.strerror}") from e
+    addrs = {str(info[4][0]).split("%", 1)[0] for info in infos}
+    try:
+        return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
+    except ValueError:
+        return False
+
+
+def check_tcp_policy(host: str, allow_remote: bool, tls: bool) -> None:
+    """Refuse an NBD TCP address other machines could reach, unless allowed and under TLS: the
+    live volume is readable and writable by anyone who gets a connection."""
+    if tcp_is_loopback(host):
+        return
+    if not allow_remote:
+        raise BadInput(f"NBD on {host!r} is reachable from other machines: use a loopback address "
+                       "(tcp:127.0.0.1:PORT), or allow it with --nbd-allow-remote and --tls-cert/--tls-key")
+    if not tls:
+        raise BadInput(f"NBD on {host!r} with --nbd-allow-remote needs TLS: add --tls-cert FILE --tls-key FILE "
+                       "(or --tls-creds DIR)")
+
+
+def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+    """The server's TLS context (TLS 1.2 or later). With `ca`, clients must show a certificate it
+    signed: without one, TLS hides the traffic but anyone who can connect still gets in."""
+    for path in (cert, key, ca):
+        if path is not None and not os.path.isfile(path):
+            raise BadInput(f"TLS: {path}: no such file (give a PEM certificate, key or CA)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if ca is not None:
+            ctx.load_verify_locations(ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (ssl.SSLError, OSError) as e:
+        raise BadInput(f"TLS: cannot load the certificate {cert} / key {key}"
+                       + (f" / CA {ca}" if ca else "") + f": {e}") from e
+    return ctx
+
+
 def _bind_unix(path: str) -> socket.socket:
     """A listening unix socket at `path`, mode 0600 from the start (umask around bind)."""
     if os.path.lexists(path):
@@ -694,9 +991,13 @@ class NbdServer:
     and flushes the live volume. Inside an existing event loop use `await serve_forever()` instead.
     """
 
-    def __init__(self, store: StoreLike, address: str = "unix:") -> None:
+    def __init__(self, store: StoreLike, address: str = "unix:", *, allow_remote: bool = False,
+                 tls: ssl.SSLContext | None = None, max_connections: int = MAX_CONNECTIONS,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
         self.store = store
         self._kind, self._host, self._port = parse_address(address)
+        self._allow_remote = allow_remote
+        self.policy = Policy(max_connections, handshake_timeout, tls)
         self._path = self._host if self._kind == "unix" else ""
         self._private_dir: str | None = None
         self._servers: list[asyncio.AbstractServer] = []
@@ -726,7 +1027,8 @@ class NbdServer:
         if self._kind == "unix":
             return f"nbd+unix:///{name}?socket={self._path}"
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"nbd://{host}:{self._port}/{name}"
+        scheme = "nbds" if self.policy.tls is not None else "nbd"
+        return f"{scheme}://{host}:{self._port}/{name}"
 
     @property
     def connections(self) -> int:
@@ -739,7 +1041,7 @@ class NbdServer:
         self._loop = loop
 
         def factory() -> NbdConnection:
-            return NbdConnection(self.store, self._conns)
+            return NbdConnection(self.store, self._conns, self.policy)
 
         if self._kind == "unix":
             if not self._path:
@@ -748,6 +1050,7 @@ class NbdServer:
             sock = _bind_unix(self._path)
             self._servers.append(await loop.create_unix_server(factory, sock=sock))
             return
+        check_tcp_policy(self._host, self._allow_remote, self.policy.tls is not None)
         try:
             infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except OSError as e:
