@@ -59,6 +59,9 @@ CHECKPOINT_S = 30.0  # the primary is synced (and the redo start moved on) at le
 CHECKPOINT_BYTES = 2 << 30  # ...or when this much journal lies past the redo start (bounds the redo at open)
 WRITE_RECORD_BYTES = 32 << 20
 _HOLE_BYTE = bytes([HOLE])
+SPACE_SEGMENTS = 8  # under a space limit, segments are at most limit/8: a fade frees whole segments...
+MIN_SEGMENT = 1 << 20  # ...but not smaller than this
+SPACE_WAIT_S = 60.0  # a writer past the limit waits this long for a fade to make room, then fails
 LAST_MAX_BLOCKS = 1 << 25  # volumes up to this many blocks keep the last-write array (4 bytes a block)
 assert WRITE_RECORD_BYTES <= MAX_RECORD_BYTES
 
@@ -261,6 +264,10 @@ class Store:
         self._warmed: set[int] = set()
         self.live = Volume(self, None)
         self._refuse_full = self.retention()["on_full"] == "refuse"
+        self._retaining = False  # a background retention thread runs (serve): it fades at the limit
+        self._space_wake = threading.Event()  # the journal nears its limit: fade now
+        self._space_high: int | None = None  # journal bytes that start a fade (None: no limit to keep)
+        self._set_space_limit()
 
     def __enter__(self) -> Store:
         return self
@@ -664,6 +671,9 @@ class Store:
             time.sleep(0.0002)
         if self._pending_rows() > INDEX_MAX_PENDING:
             self._wait_for_indexer()
+        high = self._space_high
+        if high is not None and self.journal.total_bytes >= high:
+            self._wait_for_space()
         with self._lock:
             if self._closed:
                 raise RewindError("the store is closed")
@@ -733,6 +743,23 @@ class Store:
         deadline = time.monotonic() + 10.0  # an index that cannot commit (full disk) must not hang writes
         # down to 90 %, one commit or so: waiting for half (as before) stalled a writer for seconds
         while self._pending_rows() > INDEX_MAX_PENDING * 9 // 10 and time.monotonic() < deadline and not self._closed:
+            time.sleep(0.005)
+
+    def _wait_for_space(self) -> None:
+        """Space limit, policy fade, retention running: near the limit, start a fade at once;
+        past it, wait for the fade to make room (as `refuse` would fail, but waiting)."""
+        self._space_wake.set()
+        limit = (self.meta.get("retention") or {}).get("max_size")
+        if not limit:
+            return
+        deadline = time.monotonic() + SPACE_WAIT_S
+        while self.journal.total_bytes > limit and not self._closed and self._space_high is not None:
+            if time.monotonic() > deadline:
+                raise NoSpace(
+                    f"the journal is at its space limit ({limit} bytes) and fading history has not made room"
+                    f" within {SPACE_WAIT_S:g} s (see the console's errors): raise --max-size or unpin marks"
+                )
+            self._space_wake.set()
             time.sleep(0.005)
 
     def _pending_rows(self) -> int:
@@ -1244,7 +1271,34 @@ class Store:
             self.meta["retention"] = r
             self.save_meta()
             self._refuse_full = r["on_full"] == "refuse"
+            self._set_space_limit()
+        self._space_wake.set()
         return self.retention()
+
+    def _set_space_limit(self) -> None:
+        """Segment size and fade thresholds for the space limit. A fade starts when the journal
+        is two segments short of the limit and frees two more (oldest history first); writers
+        wait past the limit. Without a retention thread (no serve) nothing fades on its own."""
+        r = self.meta.get("retention") or {}
+        limit = r.get("max_size")
+        seg = None if not limit else max(MIN_SEGMENT, int(limit) // SPACE_SEGMENTS)
+        self.journal.cap = seg
+        if not limit or seg is None or r.get("on_full", "fade") != "fade" or not self._retaining:
+            self._space_high = None
+            return
+        seg = min(seg, self.journal.SEGMENT_LIMIT)
+        self._space_high = max(int(limit) // 2, int(limit) - 2 * seg)
+
+    def _space_goal(self) -> int:
+        """Where a fade started by the space limit brings the journal: two segments below the
+        mark that started it, so the next fade is not due at once."""
+        limit = int((self.meta.get("retention") or {}).get("max_size") or 0)
+        seg = min(self.journal.cap or self.journal.SEGMENT_LIMIT, self.journal.SEGMENT_LIMIT)
+        return max(limit // 4, limit - 4 * seg)
+
+    def _space_needed(self) -> bool:
+        high = self._space_high
+        return high is not None and self.journal.total_bytes >= high
 
     def space_used(self) -> int:
         """Bytes the journal holds (a running count, exact after each fade)."""
@@ -1254,17 +1308,24 @@ class Store:
         limit = (self.meta.get("retention") or {}).get("max_size")
         return limit is not None and limit > 0 and self.space_used() > int(limit)
 
-    def fade(self, throttle: float = 0.0) -> Job:
-        """Job: apply retention now; past the space limit (policy "fade") fade early too."""
+    def fade(self, throttle: float = 0.0, goal: int | None = None) -> Job:
+        """Job: apply retention now; past the space limit (policy "fade") fade early too,
+        until the journal is within the limit (or `goal` bytes, when given)."""
 
         def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
             from .jobs.fade import fade_body
 
             result = yield from fade_body(self, check, throttle)
             steps = 0
-            while self.over_limit() and self.retention()["on_full"] == "fade" and steps < 10_000:
+            while steps < 10_000:
+                r = self.retention()  # afresh each step: the limit may be lifted meanwhile
+                if not r["max_size"] or r["on_full"] != "fade":
+                    break
+                target = r["max_size"] if goal is None else min(goal, r["max_size"])
+                if self.space_used() <= target:
+                    break
                 before = self.horizon
-                result = yield from fade_body(self, check, throttle, early=True)
+                result = yield from fade_body(self, check, throttle, free=self.space_used() - target)
                 steps += 1
                 if self.horizon == before:
                     break
@@ -1280,14 +1341,35 @@ class Store:
         return Job("fade", body)
 
     def start_retention(self, interval_s: float = 60.0, throttle: float = 0.005) -> None:
-        """Apply retention in the background (serve does this), gently, every `interval_s`."""
+        """Apply retention in the background (serve does this), gently, every `interval_s`;
+        and at once, at full speed, when the journal nears its space limit (writers wake it)."""
+        with self._lock:
+            self._retaining = True
+            self._set_space_limit()
 
         def loop() -> None:
-            while not self._stop.wait(interval_s if not self.over_limit() else 1.0):
+            due = time.monotonic() + interval_s
+            while not self._stop.is_set():
+                space = self._space_needed()
+                if not space:
+                    self._space_wake.wait(min(1.0, max(0.0, due - time.monotonic())))
+                    self._space_wake.clear()
+                    if self._stop.is_set():
+                        return
+                    space = self._space_needed()
+                    if not space and time.monotonic() < due:
+                        continue
+                before = self.horizon
                 try:
-                    self.fade(throttle).run()
+                    self.fade(0.0 if space else throttle, self._space_goal() if space else None).run()
                 except Exception as e:
                     self._emit("error", {"message": f"retention failed: {e}"})
+                    self._stop.wait(1.0)
+                else:
+                    if space and self.horizon == before:
+                        self._stop.wait(1.0)  # nothing left to fade (pinned marks?): do not spin
+                if not space:
+                    due = time.monotonic() + interval_s
 
         threading.Thread(target=loop, name="rewind-retention", daemon=True).start()
 
