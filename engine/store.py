@@ -289,11 +289,12 @@ class Store:
         if self._warmer is not None:
             self._warmer.join()
         try:
-            self.flush(primary=True)
             try:
+                self.flush(primary=True)
                 self._index_sync()
                 self.checkpoint()
-            except NoSpace as e:  # the journal holds everything; the next open indexes it
+            except NoSpace as e:  # the journal holds everything; the next open indexes and redoes it
+                self._sync_journal()
                 self._emit("error", {"message": str(e)})
         finally:
             self._applier.close()
@@ -587,18 +588,27 @@ class Store:
     def _set_redo_start(self, pos: tuple[int, int]) -> None:
         if pos == self._redo_pos:
             return  # nothing new: a store opened and closed unchanged stays byte for byte the same
+        try:
+            with self._wdb.write():
+                self._wdb.set_meta("redo_segno", pos[0])
+                self._wdb.set_meta("redo_off", pos[1])
+        except apsw.FullError:
+            raise NoSpace(f"no space left for the index {self.dir / 'maps.db'}: free space on that disk") from None
         self._redo_pos = pos
-        with self._wdb.write():
-            self._wdb.set_meta("redo_segno", pos[0])
-            self._wdb.set_meta("redo_off", pos[1])
 
-    def _index_sync(self) -> None:
+    def _index_sync(self, reading: bool = False) -> None:
         """Commit every row pending now (marks, verify and close need the index complete).
-        Rows that arrive meanwhile are left to the indexer: under steady writes this returns."""
+        Rows that arrive meanwhile are left to the indexer: under steady writes this returns.
+        `reading`: a read-only caller (log, verify, a diff) goes on with the index as it is when
+        the disk is full, rather than fail: the rows stay pending and are committed later."""
         with self._lock:
             target = self._head
-        while self._indexed_seq < target and self._index_once():
-            pass
+        try:
+            while self._indexed_seq < target and self._index_once():
+                pass
+        except NoSpace:
+            if not reading:
+                raise
 
     def _index_due(self) -> bool:
         """Commit in big transactions: each one rewrites every b-tree page it touches, so a few
@@ -674,6 +684,7 @@ class Store:
         high = self._space_high
         if high is not None and self.journal.total_bytes >= high:
             self._wait_for_space()
+        self._applier.check_room()  # the primary's disk is full: refused, not acknowledged
         with self._lock:
             if self._closed:
                 raise RewindError("the store is closed")
@@ -731,6 +742,8 @@ class Store:
                 self._stage_zero(batch, a // bs, (e - a) // bs)
                 if e < off + n:
                     self._write_unaligned(batch, e, bytes(off + n - e))
+            if batch.undo:
+                self._reserve_holes(batch)
             self._apply(batch)
         if fua:
             self.flush()
@@ -843,6 +856,43 @@ class Store:
         batch.add(K_ZERO, seq, t, b0, count, None, bs=self.block_size)
         batch.prim.append((-1, b0 * self.block_size, count * self.block_size, None))
 
+    def _reserve_holes(self, batch: _Batch) -> None:
+        """Allocate on the primary the holes this batch writes into, before the write is
+        journaled and acknowledged: the applier writes them later, and a full disk met then
+        could only be reported after the fact (and the freed space would go to that backlog)."""
+        bs = self.block_size
+        holes: list[tuple[int, int]] = []  # [start, end) block runs that were holes
+        for b0, old in batch.undo:
+            i = old.find(HOLE)
+            while i >= 0:
+                j = i + 1
+                while j < len(old) and old[j] == HOLE:
+                    j += 1
+                holes.append((b0 + i, b0 + j))
+                i = old.find(HOLE, j)
+        if not holes:
+            return
+        try:
+            for idx, poff, n, _data in batch.prim:
+                if idx < 0:
+                    continue  # zeros need no room
+                w0, w1 = poff // bs, -(-(poff + n) // bs)
+                for h0, h1 in holes:
+                    lo, hi = max(w0, h0), min(w1, h1)
+                    if lo < hi:
+                        self._primary.reserve(lo * bs, (hi - lo) * bs)
+        except BaseException:
+            self._unstage(batch)
+            raise
+
+    def _unstage(self, batch: _Batch) -> None:
+        """Nothing of the batch reached the journal: forget its seqs and bitmap changes."""
+        if batch.recs:
+            self._head = batch.recs[0][1] - 1
+        for b0, old in reversed(batch.undo):
+            self._state[b0 : b0 + len(old)] = old
+        batch.clear()
+
     def _apply(self, batch: _Batch) -> None:
         """Append the staged records in one go, then write the primary, then index."""
         if not batch.recs:
@@ -850,11 +900,7 @@ class Store:
         try:
             segno, start = self.journal.append(batch.pieces, batch.nbytes)
         except BaseException:
-            # nothing of the batch reached the journal: forget its seqs and bitmap changes
-            self._head = batch.recs[0][1] - 1
-            for b0, old in reversed(batch.undo):
-                self._state[b0 : b0 + len(old)] = old
-            batch.clear()
+            self._unstage(batch)
             raise
         self._dirty = True
         bs = self.block_size
@@ -1125,7 +1171,7 @@ class Store:
     def points(self, since_seq: int | None = None) -> list[tuple[int, int]]:
         """Addressable points (seq, time ns) in order: the horizon, then every kept record
         (or those after `since_seq`)."""
-        self._index_sync()
+        self._index_sync(reading=True)
         with self._lock:
             out: list[tuple[int, int]] = []
             if since_seq is None:
@@ -1149,18 +1195,18 @@ class Store:
         return Mark(m.name, m.seq, m.time_ns, pinned)
 
     def marks(self) -> list[Mark]:
-        self._index_sync()
+        self._index_sync(reading=True)
         with self._lock:
             return self._db.marks()
 
     def maps(self) -> list[MapInfo]:
-        self._index_sync()
+        self._index_sync(reading=True)
         with self._lock:
             return self._db.maps()
 
     def stats(self, since_ns: int | None = None, until_ns: int | None = None) -> list[StatRow]:
         """Per-second write counts and journal size (kept on disk, so the whole history)."""
-        self._index_sync()
+        self._index_sync(reading=True)
         with self._lock:
             rows = self._db.stats(
                 None if since_ns is None else since_ns // 10**9, None if until_ns is None else until_ns // 10**9
@@ -1169,7 +1215,7 @@ class Store:
 
     def info(self) -> dict[str, Any]:
         """What `rewind log` shows, JSON-able."""
-        self._index_sync()
+        self._index_sync(reading=True)
         with self._lock:
             db = self._db
             jb = self.journal.size_bytes()
@@ -1185,6 +1231,8 @@ class Store:
                 "records": db.count("records"),
                 "versions": db.count("versions"),
                 "journal_bytes": jb,
+                "primary_backlog_bytes": self._applier.backlog,  # journaled, not yet on the primary
+                "primary_full": self._applier.full is not None,
                 "maps_bytes": mb,
                 "segments": len(self.journal.segment_numbers()),
                 "horizon": {"seq": self.horizon, "time_ns": int(self.meta["horizon_ns"])},

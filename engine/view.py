@@ -438,7 +438,7 @@ def changed_blocks(store: Store, sa: int, sb: int) -> list[int]:
         sa, sb = sb, sa
     if sa == sb:
         return []
-    store._index_sync()
+    store._index_sync(reading=True)
     with store._lock:
         cand: set[int] = set()
         for blk, cnt in store._db.changed_between(sa, sb):
