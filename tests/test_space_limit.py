@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import pytest
+from helpers import rewind_serve
+from rewind.engine.journal.record import Kind
 from rewind.engine.store import Store
 
 BS = 4096
@@ -104,4 +110,71 @@ def test_steady_writer_stays_within_the_limit(tmp_path: Path) -> None:
         assert s.verify().run() == []
     finally:
         stop.set()
+        s.close()
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io (qemu-utils) is not installed")
+def test_serve_keeps_the_limit_under_nbd_writes(tmp_path: Path) -> None:
+    """The issue's case: `rewind serve` with --max-size, a client writing steadily over NBD."""
+    limit, size, chunk = 32 * MiB, 8 * MiB, MiB
+    st = tmp_path / "st"
+    rewind = Path(sys.executable).with_name("rewind")
+    base = [str(rewind)] if rewind.exists() else [sys.executable, "-m", "rewind.engine"]
+    subprocess.run([*base, "protect", str(tmp_path / "disk.img"), "--store", str(st), "--size", str(size)],
+                   check=True, capture_output=True)
+    subprocess.run([*base, "retention", str(st), "--max-size", str(limit)], check=True, capture_output=True)
+    sock = tmp_path / "nbd.sock"
+    writes: list[tuple[int, int]] = []  # (offset, pattern byte), one NBD request = one record each
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sampler() -> None:
+        while not stop.is_set():
+            samples.append(_journal_disk_bytes(st / "journal"))
+            time.sleep(0.01)
+
+    rnd = random.Random(5)
+    with rewind_serve(st, sock):
+        th = threading.Thread(target=sampler)
+        th.start()
+        try:
+            t_end = time.monotonic() + 12
+            while time.monotonic() < t_end:
+                cmds: list[str] = []
+                for _ in range(32):
+                    off, pat = rnd.randrange(size // chunk) * chunk, rnd.randrange(1, 256)
+                    writes.append((off, pat))
+                    cmds += ["-c", f"write -P {pat} {off} {chunk}"]
+                subprocess.run(["qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}", *cmds],
+                               check=True, capture_output=True)
+        finally:
+            stop.set()
+            th.join()
+    most = max(samples)
+    print(f"\nserve: {len(writes)} MiB written over NBD under a {limit // MiB} MiB limit;"
+          f" the journal peaked at {most / MiB:.1f} MiB")
+    assert len(writes) * chunk >= 3 * limit, "the client was too slow to test the limit"
+    assert most <= limit + limit // 8, f"journal reached {most / MiB:.1f} MiB"
+    s = Store.open(st)
+    try:
+        # the records after the horizon are the last writes, in order (baselines, taken again
+        # after a fade released blocks, have seqs but no records): each is a point to check
+        assert s.horizon > 0
+        rows = [(int(q), int(b)) for q, b in s._db.db.execute(
+            "SELECT seq, block FROM records WHERE seq > ? AND kind = ? ORDER BY seq", (s.horizon, int(Kind.WRITE)))]
+        first = len(writes) - len(rows)
+        assert rows and first > 0
+        assert [b * 4096 for _, b in rows] == [off for off, _ in writes[first:]]
+        model = bytearray(size)
+        for off, pat in writes[:first]:
+            model[off : off + chunk] = bytes([pat]) * chunk
+        assert s.at(s.horizon).read(0, size) == model  # the horizon: the write before the first kept
+        check = set(random.Random(2).sample(range(len(rows)), min(20, len(rows)))) | {len(rows) - 1}
+        for i, (seq, _) in enumerate(rows):
+            off, pat = writes[first + i]
+            model[off : off + chunk] = bytes([pat]) * chunk
+            if i in check:
+                assert s.at(seq).read(0, size) == model, f"seq {seq}"
+        assert s.live.read(0, size) == model
+    finally:
         s.close()
