@@ -61,6 +61,8 @@ WRITE_RECORD_BYTES = 32 << 20
 _HOLE_BYTE = bytes([HOLE])
 SPACE_SEGMENTS = 8  # under a space limit, segments are at most limit/8: a fade frees whole segments...
 MIN_SEGMENT = 1 << 20  # ...but not smaller than this
+FADED_EARLY_KEPT = 10  # store.json remembers this many early fades (retention() shows them)
+FADED_NOTE_S = 30.0  # background early fades are noted (store.json, the console) at most this often
 SPACE_WAIT_S = 60.0  # a writer past the limit waits this long for a fade to make room, then fails
 LAST_MAX_BLOCKS = 1 << 25  # volumes up to this many blocks keep the last-write array (4 bytes a block)
 assert WRITE_RECORD_BYTES <= MAX_RECORD_BYTES
@@ -267,6 +269,8 @@ class Store:
         self._retaining = False  # a background retention thread runs (serve): it fades at the limit
         self._space_wake = threading.Event()  # the journal nears its limit: fade now
         self._space_high: int | None = None  # journal bytes that start a fade (None: no limit to keep)
+        self._faded_unnoted = 0  # early fade steps not yet noted (see fade)
+        self._faded_noted_t = -FADED_NOTE_S  # the first is noted at once
         self._set_space_limit()
 
     def __enter__(self) -> Store:
@@ -1375,18 +1379,29 @@ class Store:
                 before = self.horizon
                 result = yield from fade_body(self, check, throttle, free=self.space_used() - target)
                 steps += 1
+                self._faded_unnoted += 1
+                if time.monotonic() - self._faded_noted_t >= FADED_NOTE_S:
+                    result["faded_early"] = self._note_faded_early()
                 if self.horizon == before:
                     break
-            if steps:
-                note = {"time_ns": self.clock(), "horizon": self.horizon, "steps": steps}
-                with self._lock:
-                    self.meta.setdefault("faded_early", []).append(note)
-                    self.save_meta()
-                self._emit("faded-early", note)
-                result["faded_early"] = note
+            # a fade asked for says what it did; the background one (a steady writer at the limit
+            # fades every few seconds) at most every FADED_NOTE_S: each note reaches the console
+            if self._faded_unnoted and (goal is None or time.monotonic() - self._faded_noted_t >= FADED_NOTE_S):
+                result["faded_early"] = self._note_faded_early()
             return result
 
         return Job("fade", body)
+
+    def _note_faded_early(self) -> dict[str, Any]:
+        """Record (store.json keeps the last few) and announce early fades since the last note."""
+        note = {"time_ns": self.clock(), "horizon": self.horizon, "steps": self._faded_unnoted}
+        with self._lock:
+            self.meta["faded_early"] = [*self.meta.get("faded_early", [])[-(FADED_EARLY_KEPT - 1):], note]
+            self.save_meta()
+        self._faded_unnoted = 0
+        self._faded_noted_t = time.monotonic()
+        self._emit("faded-early", note)
+        return note
 
     def start_retention(self, interval_s: float = 60.0, throttle: float = 0.005) -> None:
         """Apply retention in the background (serve does this), gently, every `interval_s`;

@@ -47,6 +47,8 @@ def test_steady_writer_stays_within_the_limit(tmp_path: Path) -> None:
     errors: list[BaseException] = []
     try:
         s.set_retention(max_size=limit)  # on_full defaults to fade
+        fades: list[dict] = []
+        s.add_listener(lambda ev, data: fades.append(data) if ev == "faded-early" else None)
         s.start_retention()  # what serve does
         seg = limit // 8  # a segment or so: segments are at most this under the limit
 
@@ -82,7 +84,9 @@ def test_steady_writer_stays_within_the_limit(tmp_path: Path) -> None:
         most = max(samples)
         print(f"\nwrote {written / MiB:.0f} MiB in 15 s under a {limit / MiB:.0f} MiB limit"
               f" (segments {seg / MiB:.0f} MiB): the journal peaked at {most / MiB:.1f} MiB,"
-              f" horizon seq {s.horizon} of {s.head}")
+              f" horizon seq {s.horizon} of {s.head}, {len(fades)} early fades")
+        assert 1 <= len(fades) <= 2  # the console hears of it, but not of every step
+        assert (tmp_path / "st" / "store.json").stat().st_size < 16 << 10
         assert written >= 3 * limit, "the writer was too slow to test the limit"
         assert s.horizon > 0, "nothing faded"
         assert most <= limit + seg, f"journal reached {most / MiB:.1f} MiB, limit {limit / MiB:.0f} MiB + a segment"
