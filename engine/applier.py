@@ -40,6 +40,7 @@ SMALL = 64 << 10  # up to this, pread + pwrite; bigger ones are copied in the ke
 LAZY_BYTES = 1 << 30  # queued this much, apply down to half of it
 LAZY_IDLE_S = 0.05  # or once no batch came for this long
 OP_COST = 256  # queue cost of one op beyond its bytes (zero ops carry none): bounds the queue's memory
+RETRY_S = 0.5  # a primary write that met a full disk is tried again this often (space may be freed)
 
 
 class Applier:
@@ -58,6 +59,10 @@ class Applier:
         self._last_submit = 0.0
         self._stop = False
         self.error: BaseException | None = None
+        # a full disk under the primary: not fatal, the journal holds the data; the head batch is
+        # tried again until it lands, new writes are refused meanwhile (Store), reads go on
+        self.full: BaseException | None = None
+        self._backlog = 0  # data bytes queued and not yet on the primary
         self.last: array[int] | None = None  # set by the store: lazy application and absorption
         self.skipped = 0  # writes absorbed by a later write to the same blocks
         self._copy = hasattr(os, "copy_file_range")
@@ -69,6 +74,21 @@ class Applier:
         """Are writes queued that the primary does not hold yet?"""
         return bool(self._q)
 
+    @property
+    def backlog(self) -> int:
+        """Bytes of journaled writes the primary does not hold yet."""
+        return self._backlog
+
+    def check_room(self) -> None:
+        """Refuse a new write while the primary's disk is full (NoSpace, saying how far the
+        primary lags): the writes before it are safe in the journal and land once there is room."""
+        if self.full is not None:
+            raise NoSpace(
+                f"no space left to write the primary {self._primary.path}: {self._backlog} bytes of"
+                f" acknowledged writes wait in the journal for it; free at least that much on its disk"
+                f" (writes resume by themselves)"
+            )
+
     def submit(self, seq: int, ops: list[Op], nbytes: int) -> None:
         """Queue one batch's primary writes (in journal order); waits if too much is queued."""
         cost = nbytes + OP_COST * len(ops)
@@ -78,6 +98,7 @@ class Applier:
             self._raise()
             self._q.append((seq, ops, cost))
             self._queued += cost
+            self._backlog += nbytes
             self._last_submit = time.monotonic()
             self._cv.notify_all()
 
@@ -87,9 +108,11 @@ class Applier:
             if self.applied < seq and self._q:
                 self._want = max(self._want, seq)
                 self._cv.notify_all()
-            while self.applied < seq and self._q and self.error is None:
+            while self.applied < seq and self._q and self.error is None and self.full is None:
                 self._cv.wait()
             self._raise()
+            if self.applied < seq and self._q and self.full is not None:
+                self.check_room()
 
     def check(self) -> None:
         """Raise the error a primary write met, if any (a flush must not hide it)."""
@@ -137,6 +160,19 @@ class Applier:
                 seq, ops, cost = self._q[0]
             try:
                 self._apply(ops)
+            except (OSError, NoSpace) as e:
+                if not isinstance(e, NoSpace) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    with self._cv:  # keep it: every later write, flush and read reports it
+                        self.error = e
+                        self._cv.notify_all()
+                    return
+                with self._cv:  # a full disk: try the batch again (writing it twice is harmless)
+                    self.full = e
+                    self._cv.notify_all()
+                    if self._stop:
+                        return  # closing: the journal keeps it, the next open's redo writes it
+                    self._cv.wait(RETRY_S)
+                continue
             except BaseException as e:  # keep it: every later write, flush and read reports it
                 with self._cv:
                     self.error = e
@@ -145,7 +181,9 @@ class Applier:
             with self._cv:
                 self._q.popleft()
                 self._queued -= cost
+                self._backlog -= sum(op[4] for op in ops if op[0] == WRITE)
                 self.applied = seq
+                self.full = None
                 self._cv.notify_all()
 
     def _apply(self, ops: list[Op]) -> None:

@@ -381,6 +381,10 @@ def format_log(info: dict[str, Any]) -> list[str]:
     field("records", "records")
     field("versions", "versions")
     field("journal", "journal_bytes", size_fmt)
+    field("primary lags", "primary_backlog_bytes", size_fmt)  # journaled, not yet on the primary
+    shown.add("primary_full")
+    if info.get("primary_full"):
+        lines.append(f"{'primary full:':<15}its disk is full: new writes are refused until there is room")
     field("segments", "segments")
     field("maps on disk", "maps_bytes", size_fmt)
     for key in ("horizon", "head"):

@@ -54,6 +54,7 @@ class Primary:
             os.close(self.fd)
             raise BadInput(f"{self.path} is neither a regular file nor a block device")
         self.size = device_size(self.fd)
+        self._can_reserve = not self.is_block
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -95,6 +96,19 @@ class Primary:
             self.pwrite(off, chunk[:k])
             off += k
             n -= k
+
+    def reserve(self, off: int, n: int) -> None:
+        """Allocate [off, off+n) of a sparse image now, keeping its contents: the applier writes
+        the primary later, and a full disk must refuse the write before it is acknowledged, not
+        meet the applier afterwards. A filesystem without fallocate is left as it is."""
+        if not self._can_reserve:
+            return
+        if _fallocate(self.fd, 0, off, n) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space left on the device holding {self.path}: free space on its disk")
+        self._can_reserve = False  # EOPNOTSUPP and the like
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

@@ -61,6 +61,11 @@ CHECKPOINT_S = 30.0  # the primary is synced (and the redo start moved on) at le
 CHECKPOINT_BYTES = 2 << 30  # ...or when this much journal lies past the redo start (bounds the redo at open)
 WRITE_RECORD_BYTES = 32 << 20
 _HOLE_BYTE = bytes([HOLE])
+SPACE_SEGMENTS = 8  # under a space limit, segments are at most limit/8: a fade frees whole segments...
+MIN_SEGMENT = 1 << 20  # ...but not smaller than this
+FADED_EARLY_KEPT = 10  # store.json remembers this many early fades (retention() shows them)
+FADED_NOTE_S = 30.0  # background early fades are noted (store.json, the console) at most this often
+SPACE_WAIT_S = 60.0  # a writer past the limit waits this long for a fade to make room, then fails
 LAST_MAX_BLOCKS = 1 << 25  # volumes up to this many blocks keep the last-write array (4 bytes a block)
 assert WRITE_RECORD_BYTES <= MAX_RECORD_BYTES
 
@@ -280,6 +285,12 @@ class Store:
         self._warmed: set[int] = set()
         self.live = Volume(self, None)
         self._refuse_full = self.retention()["on_full"] == "refuse"
+        self._retaining = False  # a background retention thread runs (serve): it fades at the limit
+        self._space_wake = threading.Event()  # the journal nears its limit: fade now
+        self._space_high: int | None = None  # journal bytes that start a fade (None: no limit to keep)
+        self._faded_unnoted = 0  # early fade steps not yet noted (see fade)
+        self._faded_noted_t = -FADED_NOTE_S  # the first is noted at once
+        self._set_space_limit()
 
     def __enter__(self) -> Store:
         return self
@@ -301,11 +312,12 @@ class Store:
         if self._warmer is not None:
             self._warmer.join()
         try:
-            self.flush(primary=True)
             try:
+                self.flush(primary=True)
                 self._index_sync()
                 self.checkpoint()
-            except NoSpace as e:  # the journal holds everything; the next open indexes it
+            except NoSpace as e:  # the journal holds everything; the next open indexes and redoes it
+                self._sync_journal()
                 self._emit("error", {"message": str(e)})
         finally:
             self._applier.close()
@@ -599,18 +611,27 @@ class Store:
     def _set_redo_start(self, pos: tuple[int, int]) -> None:
         if pos == self._redo_pos:
             return  # nothing new: a store opened and closed unchanged stays byte for byte the same
+        try:
+            with self._wdb.write():
+                self._wdb.set_meta("redo_segno", pos[0])
+                self._wdb.set_meta("redo_off", pos[1])
+        except apsw.FullError:
+            raise NoSpace(f"no space left for the index {self.dir / 'maps.db'}: free space on that disk") from None
         self._redo_pos = pos
-        with self._wdb.write():
-            self._wdb.set_meta("redo_segno", pos[0])
-            self._wdb.set_meta("redo_off", pos[1])
 
-    def _index_sync(self) -> None:
+    def _index_sync(self, reading: bool = False) -> None:
         """Commit every row pending now (marks, verify and close need the index complete).
-        Rows that arrive meanwhile are left to the indexer: under steady writes this returns."""
+        Rows that arrive meanwhile are left to the indexer: under steady writes this returns.
+        `reading`: a read-only caller (log, verify, a diff) goes on with the index as it is when
+        the disk is full, rather than fail: the rows stay pending and are committed later."""
         with self._lock:
             target = self._head
-        while self._indexed_seq < target and self._index_once():
-            pass
+        try:
+            while self._indexed_seq < target and self._index_once():
+                pass
+        except NoSpace:
+            if not reading:
+                raise
 
     def _index_due(self) -> bool:
         """Commit in big transactions: each one rewrites every b-tree page it touches, so a few
@@ -683,6 +704,10 @@ class Store:
             time.sleep(0.0002)
         if self._pending_rows() > INDEX_MAX_PENDING:
             self._wait_for_indexer()
+        high = self._space_high
+        if high is not None and self.journal.total_bytes >= high:
+            self._wait_for_space()
+        self._applier.check_room()  # the primary's disk is full: refused, not acknowledged
         with self._lock:
             if self._closed:
                 raise RewindError("the store is closed")
@@ -740,6 +765,8 @@ class Store:
                 self._stage_zero(batch, a // bs, (e - a) // bs)
                 if e < off + n:
                     self._write_unaligned(batch, e, bytes(off + n - e))
+            if batch.undo:
+                self._reserve_holes(batch)
             self._apply(batch)
         if fua:
             self.flush()
@@ -752,6 +779,23 @@ class Store:
         deadline = time.monotonic() + 10.0  # an index that cannot commit (full disk) must not hang writes
         # down to 90 %, one commit or so: waiting for half (as before) stalled a writer for seconds
         while self._pending_rows() > INDEX_MAX_PENDING * 9 // 10 and time.monotonic() < deadline and not self._closed:
+            time.sleep(0.005)
+
+    def _wait_for_space(self) -> None:
+        """Space limit, policy fade, retention running: near the limit, start a fade at once;
+        past it, wait for the fade to make room (as `refuse` would fail, but waiting)."""
+        self._space_wake.set()
+        limit = (self.meta.get("retention") or {}).get("max_size")
+        if not limit:
+            return
+        deadline = time.monotonic() + SPACE_WAIT_S
+        while self.journal.total_bytes > limit and not self._closed and self._space_high is not None:
+            if time.monotonic() > deadline:
+                raise NoSpace(
+                    f"the journal is at its space limit ({limit} bytes) and fading history has not made room"
+                    f" within {SPACE_WAIT_S:g} s (see the console's errors): raise --max-size or unpin marks"
+                )
+            self._space_wake.set()
             time.sleep(0.005)
 
     def _pending_rows(self) -> int:
@@ -835,6 +879,43 @@ class Store:
         batch.add(K_ZERO, seq, t, b0, count, None, bs=self.block_size)
         batch.prim.append((-1, b0 * self.block_size, count * self.block_size, None))
 
+    def _reserve_holes(self, batch: _Batch) -> None:
+        """Allocate on the primary the holes this batch writes into, before the write is
+        journaled and acknowledged: the applier writes them later, and a full disk met then
+        could only be reported after the fact (and the freed space would go to that backlog)."""
+        bs = self.block_size
+        holes: list[tuple[int, int]] = []  # [start, end) block runs that were holes
+        for b0, old in batch.undo:
+            i = old.find(HOLE)
+            while i >= 0:
+                j = i + 1
+                while j < len(old) and old[j] == HOLE:
+                    j += 1
+                holes.append((b0 + i, b0 + j))
+                i = old.find(HOLE, j)
+        if not holes:
+            return
+        try:
+            for idx, poff, n, _data in batch.prim:
+                if idx < 0:
+                    continue  # zeros need no room
+                w0, w1 = poff // bs, -(-(poff + n) // bs)
+                for h0, h1 in holes:
+                    lo, hi = max(w0, h0), min(w1, h1)
+                    if lo < hi:
+                        self._primary.reserve(lo * bs, (hi - lo) * bs)
+        except BaseException:
+            self._unstage(batch)
+            raise
+
+    def _unstage(self, batch: _Batch) -> None:
+        """Nothing of the batch reached the journal: forget its seqs and bitmap changes."""
+        if batch.recs:
+            self._head = batch.recs[0][1] - 1
+        for b0, old in reversed(batch.undo):
+            self._state[b0 : b0 + len(old)] = old
+        batch.clear()
+
     def _apply(self, batch: _Batch) -> None:
         """Append the staged records in one go, then write the primary, then index."""
         if not batch.recs:
@@ -842,11 +923,7 @@ class Store:
         try:
             segno, start = self.journal.append(batch.pieces, batch.nbytes)
         except BaseException:
-            # nothing of the batch reached the journal: forget its seqs and bitmap changes
-            self._head = batch.recs[0][1] - 1
-            for b0, old in reversed(batch.undo):
-                self._state[b0 : b0 + len(old)] = old
-            batch.clear()
+            self._unstage(batch)
             raise
         self._dirty = True
         bs = self.block_size
@@ -1125,7 +1202,7 @@ class Store:
     def points(self, since_seq: int | None = None) -> list[tuple[int, int]]:
         """Addressable points (seq, time ns) in order: the horizon, then every kept record
         (or those after `since_seq`)."""
-        self._index_sync()
+        self._index_sync(reading=True)
         with self._lock:
             out: list[tuple[int, int]] = []
             if since_seq is None:
@@ -1149,18 +1226,18 @@ class Store:
         return Mark(m.name, m.seq, m.time_ns, pinned)
 
     def marks(self) -> list[Mark]:
-        self._index_sync()
+        self._index_sync(reading=True)
         with self._lock:
             return self._db.marks()
 
     def maps(self) -> list[MapInfo]:
-        self._index_sync()
+        self._index_sync(reading=True)
         with self._lock:
             return self._db.maps()
 
     def stats(self, since_ns: int | None = None, until_ns: int | None = None) -> list[StatRow]:
         """Per-second write counts and journal size (kept on disk, so the whole history)."""
-        self._index_sync()
+        self._index_sync(reading=True)
         with self._lock:
             rows = self._db.stats(
                 None if since_ns is None else since_ns // 10**9, None if until_ns is None else until_ns // 10**9
@@ -1169,7 +1246,7 @@ class Store:
 
     def info(self) -> dict[str, Any]:
         """What `rewind log` shows, JSON-able."""
-        self._index_sync()
+        self._index_sync(reading=True)
         with self._lock:
             db = self._db
             jb = self.journal.size_bytes()
@@ -1185,6 +1262,8 @@ class Store:
                 "records": db.count("records"),
                 "versions": db.count("versions"),
                 "journal_bytes": jb,
+                "primary_backlog_bytes": self._applier.backlog,  # journaled, not yet on the primary
+                "primary_full": self._applier.full is not None,
                 "maps_bytes": mb,
                 "segments": len(self.journal.segment_numbers()),
                 "horizon": {"seq": self.horizon, "time_ns": int(self.meta["horizon_ns"])},
@@ -1271,7 +1350,34 @@ class Store:
             self.meta["retention"] = r
             self.save_meta()
             self._refuse_full = r["on_full"] == "refuse"
+            self._set_space_limit()
+        self._space_wake.set()
         return self.retention()
+
+    def _set_space_limit(self) -> None:
+        """Segment size and fade thresholds for the space limit. A fade starts when the journal
+        is two segments short of the limit and frees two more (oldest history first); writers
+        wait past the limit. Without a retention thread (no serve) nothing fades on its own."""
+        r = self.meta.get("retention") or {}
+        limit = r.get("max_size")
+        seg = None if not limit else max(MIN_SEGMENT, int(limit) // SPACE_SEGMENTS)
+        self.journal.cap = seg
+        if not limit or seg is None or r.get("on_full", "fade") != "fade" or not self._retaining:
+            self._space_high = None
+            return
+        seg = min(seg, self.journal.SEGMENT_LIMIT)
+        self._space_high = max(int(limit) // 2, int(limit) - 2 * seg)
+
+    def _space_goal(self) -> int:
+        """Where a fade started by the space limit brings the journal: two segments below the
+        mark that started it, so the next fade is not due at once."""
+        limit = int((self.meta.get("retention") or {}).get("max_size") or 0)
+        seg = min(self.journal.cap or self.journal.SEGMENT_LIMIT, self.journal.SEGMENT_LIMIT)
+        return max(limit // 4, limit - 4 * seg)
+
+    def _space_needed(self) -> bool:
+        high = self._space_high
+        return high is not None and self.journal.total_bytes >= high
 
     def space_used(self) -> int:
         """Bytes the journal holds (a running count, exact after each fade)."""
@@ -1281,40 +1387,79 @@ class Store:
         limit = (self.meta.get("retention") or {}).get("max_size")
         return limit is not None and limit > 0 and self.space_used() > int(limit)
 
-    def fade(self, throttle: float = 0.0) -> Job:
-        """Job: apply retention now; past the space limit (policy "fade") fade early too."""
+    def fade(self, throttle: float = 0.0, goal: int | None = None) -> Job:
+        """Job: apply retention now; past the space limit (policy "fade") fade early too,
+        until the journal is within the limit (or `goal` bytes, when given)."""
 
         def body(check: Callable[[], None]) -> Generator[Progress, None, Any]:
             from .jobs.fade import fade_body
 
             result = yield from fade_body(self, check, throttle)
             steps = 0
-            while self.over_limit() and self.retention()["on_full"] == "fade" and steps < 10_000:
+            while steps < 10_000:
+                r = self.retention()  # afresh each step: the limit may be lifted meanwhile
+                if not r["max_size"] or r["on_full"] != "fade":
+                    break
+                target = r["max_size"] if goal is None else min(goal, r["max_size"])
+                if self.space_used() <= target:
+                    break
                 before = self.horizon
-                result = yield from fade_body(self, check, throttle, early=True)
+                result = yield from fade_body(self, check, throttle, free=self.space_used() - target)
                 steps += 1
+                self._faded_unnoted += 1
+                if time.monotonic() - self._faded_noted_t >= FADED_NOTE_S:
+                    result["faded_early"] = self._note_faded_early()
                 if self.horizon == before:
                     break
-            if steps:
-                note = {"time_ns": self.clock(), "horizon": self.horizon, "steps": steps}
-                with self._lock:
-                    self.meta.setdefault("faded_early", []).append(note)
-                    self.save_meta()
-                self._emit("faded-early", note)
-                result["faded_early"] = note
+            # a fade asked for says what it did; the background one (a steady writer at the limit
+            # fades every few seconds) at most every FADED_NOTE_S: each note reaches the console
+            if self._faded_unnoted and (goal is None or time.monotonic() - self._faded_noted_t >= FADED_NOTE_S):
+                result["faded_early"] = self._note_faded_early()
             return result
 
         return Job("fade", body)
 
+    def _note_faded_early(self) -> dict[str, Any]:
+        """Record (store.json keeps the last few) and announce early fades since the last note."""
+        note = {"time_ns": self.clock(), "horizon": self.horizon, "steps": self._faded_unnoted}
+        with self._lock:
+            self.meta["faded_early"] = [*self.meta.get("faded_early", [])[-(FADED_EARLY_KEPT - 1):], note]
+            self.save_meta()
+        self._faded_unnoted = 0
+        self._faded_noted_t = time.monotonic()
+        self._emit("faded-early", note)
+        return note
+
     def start_retention(self, interval_s: float = 60.0, throttle: float = 0.005) -> None:
-        """Apply retention in the background (serve does this), gently, every `interval_s`."""
+        """Apply retention in the background (serve does this), gently, every `interval_s`;
+        and at once, at full speed, when the journal nears its space limit (writers wake it)."""
+        with self._lock:
+            self._retaining = True
+            self._set_space_limit()
 
         def loop() -> None:
-            while not self._stop.wait(interval_s if not self.over_limit() else 1.0):
+            due = time.monotonic() + interval_s
+            while not self._stop.is_set():
+                space = self._space_needed()
+                if not space:
+                    self._space_wake.wait(min(1.0, max(0.0, due - time.monotonic())))
+                    self._space_wake.clear()
+                    if self._stop.is_set():
+                        return
+                    space = self._space_needed()
+                    if not space and time.monotonic() < due:
+                        continue
+                before = self.horizon
                 try:
-                    self.fade(throttle).run()
+                    self.fade(0.0 if space else throttle, self._space_goal() if space else None).run()
                 except Exception as e:
                     self._emit("error", {"message": f"retention failed: {e}"})
+                    self._stop.wait(1.0)
+                else:
+                    if space and self.horizon == before:
+                        self._stop.wait(1.0)  # nothing left to fade (pinned marks?): do not spin
+                if not space:
+                    due = time.monotonic() + interval_s
 
         threading.Thread(target=loop, name="rewind-retention", daemon=True).start()
 

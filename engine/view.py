@@ -11,7 +11,7 @@ from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import PointError, ReadOnlyError
+from .errors import NoSpace, PointError, ReadOnlyError
 from .journal.record import crc32c, zero_crc
 from .maps import MapDB, Version
 
@@ -150,8 +150,12 @@ def read_live(store: Store, off: int, n: int) -> bytes:
     ap = store._applier
     last = store._last
     if last is None:  # without the last-write array the applier is never lazy: wait for it
-        ap.wait(store._head)
-        return store._primary.pread(off, n)
+        try:
+            ap.wait(store._head)
+            return store._primary.pread(off, n)
+        except NoSpace:  # the primary's disk is full: what it lacks is in the journal
+            with store._turn():
+                return _read_past(store, store._head, off, n, None)
     if n == 0:
         return b""
     data = _read_unchanged(store, last, store._head, off, n)  # their newest writes have landed
@@ -438,7 +442,7 @@ def changed_blocks(store: Store, sa: int, sb: int) -> list[int]:
         sa, sb = sb, sa
     if sa == sb:
         return []
-    store._index_sync()
+    store._index_sync(reading=True)
     with store._lock:
         cand: set[int] = set()
         for blk, cnt in store._db.changed_between(sa, sb):

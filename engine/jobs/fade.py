@@ -45,14 +45,16 @@ COMPACT_BELOW = 0.5  # compact a segment when less than this share of its bytes 
 
 
 def fade_body(store: Store, check: Callable[[], None], throttle: float = 0.0,
-              early: bool = False) -> Generator[Progress, None, dict[str, Any]]:
-    """The fade job. `early`: the space limit is reached, move the horizon past kept points too."""
+              free: int = 0) -> Generator[Progress, None, dict[str, Any]]:
+    """The fade job. `free` > 0: the space limit is reached, move the horizon past kept points
+    too, far enough that about `free` bytes of the oldest segments hold nothing needed."""
     with store._maint:
-        return (yield from _fade(store, check, throttle, early))
+        return (yield from _fade(store, check, throttle, free))
 
 
 def _fade(store: Store, check: Callable[[], None], throttle: float,
-          early: bool) -> Generator[Progress, None, dict[str, Any]]:
+          free: int) -> Generator[Progress, None, dict[str, Any]]:
+    early = free > 0
     with store._lock:
         first_open = store.journal.segno  # segments before it are complete, and indexed below
     store._index_sync()
@@ -67,7 +69,7 @@ def _fade(store: Store, check: Callable[[], None], throttle: float,
         points = db.points(old_h)
         p = plan(points, store.clock(), store.policy(), pinned)
         if early:
-            p = _early_plan(store, p, points, pinned)
+            p = _early_plan(store, p, points, pinned, _seq_freeing(store, free, first_open))
         summary: dict[str, Any] = {"horizon_before": old_h, "kept_per_tier": p.per_tier, "early": early}
         if p.drop or (p.horizon is not None and p.horizon > old_h):
             _decide(store, db, p, points)
@@ -93,12 +95,35 @@ def _fade(store: Store, check: Callable[[], None], throttle: float,
         db.close()
 
 
-def _early_plan(store: Store, p: Plan, points: list[tuple[int, int]], pinned: list[int]) -> Plan:
-    """Space limit: fade the oldest kept point too (one step; the caller repeats while needed)."""
+def _seq_freeing(store: Store, free: int, first_open: int) -> int:
+    """The newest seq such that the segments before it (oldest first, closed) hold `free` bytes:
+    with the horizon there, what they hold is mostly not needed any more (the horizon's own
+    version of each block rewritten since stays, and is compacted forward)."""
+    j = store.journal
+    with store._lock:
+        segs = [s for s in j.segment_numbers() if s <= first_open]
+    acc = 0
+    for k, segno in enumerate(segs[:-1]):
+        try:
+            acc += j.seg_path(segno).stat().st_size
+        except FileNotFoundError:
+            continue
+        if acc >= free:
+            nxt = j.first_seq(segs[k + 1])
+            if nxt is not None:
+                return int(nxt) - 1
+            break
+    return int(store.head)
+
+
+def _early_plan(store: Store, p: Plan, points: list[tuple[int, int]], pinned: list[int], upto: int) -> Plan:
+    """Space limit: fade kept points too, up to the newest at or before `upto` (at least the
+    oldest; the caller repeats while needed)."""
     kept = sorted(s for s in p.keep if s not in pinned and (p.horizon is None or s > p.horizon))
     if not kept:
         return p
-    h = kept[0]
+    i = bisect.bisect_right(kept, upto)
+    h = kept[i - 1] if i else kept[0]
     keep = {s for s in p.keep if s >= h}
     return Plan(keep, {s for s, _ in points} - keep, h, p.per_tier)
 
@@ -246,9 +271,12 @@ def _reclaim(store: Store, db: MapDB, check: Callable[[], None],
                 store.forget()
                 j.close_segment(segno)
                 j.seg_path(segno).unlink(missing_ok=True)
+                j.total_bytes -= size  # writers waiting for room at the space limit see it now
             deleted += 1
         elif live_bytes < COMPACT_BELOW * size:
             compact_segment(store, db, segno, mark_seqs)
+            with store._lock:
+                j.total_bytes -= size - j.seg_path(segno).stat().st_size
             compacted += 1
     with store._lock:
         j.total_bytes = j.size_bytes()

@@ -22,7 +22,7 @@ def verify_store(store: Store, check: Callable[[], None]) -> Generator[Progress,
 
 
 def _verify(store: Store, check: Callable[[], None]) -> Generator[Progress, None, list[str]]:
-    store._index_sync()
+    store._index_sync(reading=True)
     problems: list[str] = []
     j = store.journal
     bs = store.block_size

@@ -106,6 +106,9 @@ class Journal:
     def __init__(self, path: Path, block_size: int) -> None:
         self.path = path
         self.block_size = block_size
+        # smaller segments the store asks for under a small space limit: a fade frees whole
+        # segments, so a 256 MiB one under a 64 MiB limit could never be freed in time
+        self.cap: int | None = None
         path.mkdir(parents=True, exist_ok=True)
         self._fds: dict[int, int] = {}
         self._dirty: set[int] = set()
@@ -172,7 +175,7 @@ class Journal:
         Returns (segno, offset) of the first byte. On a full disk the partial append is cut off
         again and NoSpace is raised, so the journal never holds half a batch.
         """
-        if self.end >= self.SEGMENT_LIMIT:
+        if self.end >= (self.SEGMENT_LIMIT if self.cap is None else min(self.cap, self.SEGMENT_LIMIT)):
             self._new_segment(self.segno + 1)
         segno, start = self.segno, self.end
         fd = self._fd(segno)
@@ -284,6 +287,15 @@ class Journal:
                 off,
             )
         return data
+
+    def first_seq(self, segno: int) -> int | None:
+        """Seq of a segment's first record (None: empty, or not readable as one)."""
+        try:
+            with open(self.seg_path(segno), "rb", buffering=0) as f:
+                f.seek(SEGMENT_HEADER_SIZE)
+                return decode_header(f.read(HEADER_SIZE), self.block_size).seq
+        except (OSError, HeaderError):
+            return None
 
     # scan --------------------------------------------------------------------------------
     def scan(
