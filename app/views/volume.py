@@ -11,7 +11,6 @@ from typing import Any
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QApplication,
-    QFileDialog,
     QFrame,
     QHBoxLayout,
     QInputDialog,
@@ -27,6 +26,7 @@ from PySide6.QtWidgets import (
 )
 from rewind.engine.errors import Cancelled
 
+from ..dialogs import files
 from ..dialogs.errors import show_error, show_info
 from ..dialogs.jobs import JobDialog, RewindConfirm
 from ..format import human_bytes, human_time
@@ -246,8 +246,9 @@ class VolumeView(QWidget):
         self.preview_pane.fileRequested.connect(lambda seq, path: w.read_file("show", seq, path, 1 << 20))
         self.preview_pane.saveRequested.connect(self._save_file)
         self.preview_pane.blockRequested.connect(lambda seq, b: w.read_block(int(seq), int(b)))
-        self.mark_button.clicked.connect(self.mark_now)
-        self.export_button.clicked.connect(self.export_point)
+        # clicked(bool) would land in the optional argument: call with none
+        self.mark_button.clicked.connect(lambda: self.mark_now())
+        self.export_button.clicked.connect(lambda: self.export_point())
         self.rewind_button.clicked.connect(self.rewind_point)
         self.serve_button.toggled.connect(self._toggle_serve)
         self.verify_button.clicked.connect(self.verify)
@@ -558,7 +559,7 @@ class VolumeView(QWidget):
 
     def _save_file(self, seq: int, path: str) -> None:
         name = path.rsplit("/", 1)[-1]
-        dest, _ = QFileDialog.getSaveFileName(self, "Save the file as it was", str(Path.home() / name))
+        dest = files.save_path(self, "Save the file as it was", str(Path.home() / name))
         if dest:
             self.worker.save_file(seq, path, dest)
 
@@ -578,9 +579,8 @@ class VolumeView(QWidget):
         if out is None:
             stamp = _dt.datetime.fromtimestamp(self.preview.time_ns / 1e9).strftime("%Y%m%d-%H%M%S")  # type: ignore[union-attr]
             stem = Path(self.snap.primary).stem if self.snap else "volume"
-            out, _ = QFileDialog.getSaveFileName(self, "Export this point as an image",
-                                                 str(Path.home() / f"{stem}-{stamp}.img"),
-                                                 "Raw disk images (*.img *.raw);;All files (*)")
+            out = files.save_path(self, "Export this point as an image", str(Path.home() / f"{stem}-{stamp}.img"),
+                                  "Raw disk images (*.img *.raw);;All files (*)")
             if not out:
                 return
         self.export_path = out
