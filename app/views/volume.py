@@ -33,6 +33,7 @@ from ..format import human_bytes, human_time
 from ..preview import Preview
 from ..workers import Snapshot, VolumeWorker
 from .charts import Charts
+from .marks import MarksPage
 from .preview import PreviewPane
 from .retention import RetentionPage
 from .timeline import Timeline
@@ -98,6 +99,8 @@ class VolumeView(QWidget):
         self._last_preview_at = 0.0
         self.job_dialog: JobDialog | None = None
         self.rewind_dialog: RewindConfirm | None = None
+        self.fade_dialog: Any = None  # the fade confirmation while it is open
+        self._pending_retention: tuple[str, int, str] | None = None
         self.export_path = ""
         self._undo_mark = ""
         self.shown_gen = 0  # generation of the preview on screen (benchmarks wait on it)
@@ -195,6 +198,9 @@ class VolumeView(QWidget):
         self.tabs.addTab(self.split, "History")
         self.tabs.addTab(self.retention_page, "Retention")
         self.tabs.setTabToolTip(1, "How long history is kept, the journal's space limit, Fade now")
+        self.marks_page = MarksPage()
+        self.tabs.addTab(self.marks_page, "Marks")
+        self.tabs.setTabToolTip(2, "Your marks (kept until you remove them) and the ones Rewind made")
         self.tabs.currentChanged.connect(self._on_tab)
 
         # until the store is open (or when it failed): a message instead of empty charts
@@ -254,6 +260,14 @@ class VolumeView(QWidget):
         self.verify_button.clicked.connect(self.verify)
         self.demo_button.clicked.connect(self._toggle_demo)
         self.retention_page.fadeRequested.connect(self.fade_now)
+        self.retention_page.applyRequested.connect(self._apply_retention)
+        w.fadePreview.connect(self._on_fade_preview)
+        w.marksEdited.connect(self._on_marks_edited)
+        mp = self.marks_page
+        mp.goTo.connect(self._go_to_mark)
+        mp.renameRequested.connect(self.rename_mark)
+        mp.removeRequested.connect(self.remove_mark)
+        mp.keepRequested.connect(lambda name: self.worker.edit_mark("keep", name))
 
     def _set_enabled(self, on: bool) -> None:
         remote = bool(self.snap and self.snap.remote)
@@ -304,6 +318,7 @@ class VolumeView(QWidget):
         self.charts.set_marks(snap.marks)
         self.timeline.set_range(snap.horizon, snap.head, snap.horizon_time, max(snap.head_time, time.time_ns()))
         self.timeline.set_marks(snap.marks)
+        self.marks_page.set_marks(snap.marks)
         if snap.chart is not None:
             c = snap.chart
             self.timeline.set_density(c.t + c.bucket_s / 2, c.writes, c.bucket_s)
@@ -393,6 +408,44 @@ class VolumeView(QWidget):
         self.notify.emit("History faded early", text + " Raise the limit or shorten retention.", "warning")
 
     def fade_now(self) -> None:
+        """Fade now: first work out what it removes (store.fade_preview) and ask."""
+        if self.worker.busy or self.snap is None:
+            return
+        self.worker.fade_preview(None, "fade")
+
+    def _apply_retention(self, policy: str, max_size: int, on_full: str) -> None:
+        """A new policy that would fade history is applied only once the person has seen what goes."""
+        self._pending_retention = (policy, max_size, on_full)
+        if self.snap is not None and policy != str(self.snap.retention.get("policy") or ""):
+            self.worker.fade_preview(policy, "apply")
+        else:
+            self.worker.apply_retention(policy, max_size, on_full)
+
+    def _on_fade_preview(self, then: str, info: dict[str, Any]) -> None:
+        from ..dialogs.fade import FadeConfirm
+
+        pending = self._pending_retention
+        if then == "apply" and pending is not None and not info.get("points") and not info.get("marks"):
+            self.worker.apply_retention(*pending)  # nothing would go: nothing to ask
+            return
+        dlg = FadeConfirm(self, info, self.title, apply=then == "apply")
+        self.fade_dialog = dlg
+
+        def answered(button: Any) -> None:
+            self.fade_dialog = None
+            if button is not dlg.fade_button:
+                if then == "apply":
+                    self.retention_page.status_label.setText("Not applied: nothing changed")
+                return
+            if then == "apply" and pending is not None:
+                self.worker.apply_retention(*pending)
+            elif then == "fade":
+                self._run_fade()
+
+        dlg.buttonClicked.connect(answered)
+        dlg.open()
+
+    def _run_fade(self) -> None:
         """Run the policy now (store.fade()) as a job: progress, Cancel."""
         if self.worker.busy or self.snap is None:
             return
@@ -450,7 +503,8 @@ class VolumeView(QWidget):
                                  "critical")
                 self._set_state("Lost touch with serve")
                 return
-        if what in ("open", "create", "demo"):
+        if what in ("open", "create") or (what == "demo" and self.snap is None):
+            # (a demo step failing later stops the workload only: the history stays on screen)
             self.error = e
             self._set_state("Failed to open")
             self.subtitle.setText("Could not open this protection.")
@@ -634,6 +688,30 @@ class VolumeView(QWidget):
             self.info_bar.hide()
             self._do_rewind(f"mark:{self._undo_mark}", undo=True)
 
+    def _go_to_mark(self, seq: int) -> None:
+        self.tabs.setCurrentIndex(0)
+        self.go_to_seq(seq)
+
+    def rename_mark(self, name: str) -> None:
+        new, ok = QInputDialog.getText(self, "Rename the mark", f"New name for “{name}”:", text=name)
+        new = new.strip() if ok else ""
+        if new and new != name:
+            self.worker.edit_mark("rename", name, new)
+
+    def remove_mark(self, name: str) -> None:
+        from ..dialogs.errors import ask
+
+        m = self.marks_page.mark(name)
+        then = ("its point then follows retention like any other, and may fade" if m is not None and m.pinned
+                else "its point follows retention as before")
+        if ask(self, "Remove the mark?", f"Remove the mark “{name}”?", f"The history is not changed; {then}.",
+               ("Remove", "Cancel"), default=1) == 0:
+            self.worker.edit_mark("remove", name)
+
+    def _on_marks_edited(self, action: str, name: str) -> None:
+        said = {"rename": "renamed", "remove": "removed", "keep": "kept until you remove it"}.get(action, action)
+        self.info_bar.show_message(f"Mark “{name}” {said}.")
+
     def verify(self) -> None:
         self.job_dialog = JobDialog(self, "Verify", f"Checking every checksum of {self.title}'s history...")
         self.job_dialog.cancelRequested.connect(self.worker.cancel_job)
@@ -682,7 +760,7 @@ class VolumeView(QWidget):
         if self.worker.demo_running:
             self.worker.stop_demo()
         else:
-            self.worker.start_demo()
+            self.worker.start_demo(interval=self.worker.demo.interval if self.worker.demo is not None else 0.15)
         QTimer.singleShot(200, self, self.worker.refresh)
 
     # -- jobs ----------------------------------------------------------------------------------------

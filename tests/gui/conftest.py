@@ -214,3 +214,37 @@ def shot(widget: Any, name: str, dialog: Any = None) -> Path:
     path = SHOTS / f"{name}.png"
     pix.save(str(path))
     return path
+
+
+def when_modal(app: Any, act: Callable[[Any], None], kind: Any = None, timeout: float = 10.0) -> None:
+    """Answer the next modal dialog as a person would: once one is open (of class `kind`, when
+    given), call act(dialog), e.g. type a name and press OK. For dialogs the console opens with
+    exec() (QInputDialog.getText, ProtectDialog), which block until answered."""
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    end = time.monotonic() + timeout
+
+    def poll() -> None:
+        w = QApplication.activeModalWidget()
+        if w is not None and (kind is None or isinstance(w, kind)) and w.isVisible():
+            act(w)
+        elif time.monotonic() < end:
+            QTimer.singleShot(20, poll)
+
+    QTimer.singleShot(20, poll)
+
+
+def type_and_accept(text: str) -> Callable[[Any], None]:
+    """For when_modal: type `text` into an input dialog's line edit and press its OK button."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+    from PySide6.QtWidgets import QDialogButtonBox, QLineEdit
+
+    def act(dlg: Any) -> None:
+        edit = dlg.findChild(QLineEdit)
+        edit.selectAll()
+        QTest.keyClicks(edit, text)
+        box = dlg.findChild(QDialogButtonBox)
+        QTest.mouseClick(box.button(QDialogButtonBox.StandardButton.Ok), Qt.MouseButton.LeftButton)
+    return act
