@@ -104,7 +104,7 @@ class MainWindow(QMainWindow):
         self.welcome = WelcomeView()
         self.welcome.protectRequested.connect(self.protect_image)
         self.welcome.openRequested.connect(self.open_protection)
-        self.welcome.demoRequested.connect(self.open_demo)
+        self.welcome.demoRequested.connect(lambda: self.open_demo())
         self.welcome.recentRequested.connect(self.open_store)
         self.stack.addWidget(self.welcome)
         split = QSplitter(Qt.Orientation.Horizontal)

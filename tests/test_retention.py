@@ -214,14 +214,18 @@ def test_pinned_mark_survives_fading(tmp_path: Path) -> None:
     s.close()
 
 
-def test_persons_marks_kept_programs_marks_follow_retention(tmp_path: Path) -> None:
+def test_persons_marks_kept_programs_marks_follow_retention(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A person's marks (pinned: `rewind mark`, the console's Mark now) survive every fade; the
     program's (before-rewind-N, the demo's) go with their points; fade_preview says beforehand
     exactly what the fade then removes; a mark `--at` an earlier point and a removal are journaled
     (they survive an index rebuild and the compaction of their segments)."""
+    monkeypatch.setattr(Journal, "SEGMENT_LIMIT", 1200)  # a few records a segment: the fade reclaims
     clock = Clock()
     s = Store.create(tmp_path / "d.img", tmp_path / "st", size=SIZE, block_size=BS, clock=clock)
     s.set_retention(policy="1h:all")
+    for i in range(12):  # history older than every mark: it fades, and its segments go
+        s.live.write(0, bytes([i + 1]) * BS)
+        s.live.write(2 * BS, bytes([i + 1]) * BS)
     s.live.write(0, b"a" * BS)
     first = s.head
     s.live.write(BS, b"x" * BS)
@@ -231,6 +235,8 @@ def test_persons_marks_kept_programs_marks_follow_retention(tmp_path: Path) -> N
     s.mark("before-rewind-1")
     later = s.mark("named-later", pinned=True, at=f"seq:{first}")  # a person names an earlier point
     assert later.seq == first and later.time_ns == s.point_time(first)
+    for i in range(6):  # its MARK record's neighbours are overwritten: the fade reclaims that segment
+        s.live.write(3 * BS, bytes([i + 1]) * BS)
     s.mark("gone-soon", pinned=True)
     s.unmark("gone-soon")
     with pytest.raises(BadInput):
@@ -245,6 +251,7 @@ def test_persons_marks_kept_programs_marks_follow_retention(tmp_path: Path) -> N
     assert before["horizon_moves"] and before["points"] > 0
     faded = s.fade().run()
     assert faded["points_dropped"] == before["points"]
+    assert faded["segments_deleted"] + faded["segments_compacted"] > 0, faded
     assert sorted(m.name for m in s.marks()) == ["mine", "named-later"]
     assert s.horizon == first  # the oldest kept mark holds the horizon
     assert s.point_time(s.horizon) == before["horizon"]["time_ns"]
