@@ -380,9 +380,13 @@ class VolumeWorker(QObject):
                 horizon = link.horizon
                 p = preview_retention(policy, list(self.series.t), list(self.series.writes), link.marks(),
                                       link.point_time(horizon), time.time_ns())
-                exact = link.fade_preview(policy)  # what the fade itself would remove
-                p.marks_fading = [str(m) for m in exact.get("marks", [])]
-                p.points_removed = int(exact.get("points", 0))
+                try:
+                    exact = link.fade_preview(policy)  # what the fade itself would remove
+                except Exception:  # noqa: BLE001 - an older serve: the estimate alone is shown
+                    exact = None
+                if exact is not None:
+                    p.marks_fading = [str(m) for m in exact.get("marks", [])]
+                    p.points_removed = int(exact.get("points", 0))
             except Exception as e:  # noqa: BLE001 - a bad policy is answered, not raised
                 self.retentionPreview.emit(gen, e)
                 return

@@ -523,7 +523,8 @@ class VolumeView(QWidget):
         titles = {"open": "Cannot open the protection", "create": "Cannot protect this image",
                   "demo": "The demo stopped", "serve": "Cannot serve the volume", "mark": "Cannot add the mark",
                   "save-file": "Cannot save the file", "read-file": "Cannot read the file",
-                  "rewind-check": "Cannot prepare the rewind"}
+                  "rewind-check": "Cannot prepare the rewind",
+                  "fade-preview": "Cannot work out what a fade would remove"}
         show_error(self, titles.get(what, "Something went wrong"), e, doing=what)
         if what in ("serve", "stop-serve", "demo"):
             self.notify.emit(titles.get(what, "Rewind"), str(e), "critical")
