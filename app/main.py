@@ -264,9 +264,12 @@ class MainWindow(QMainWindow):
 
     def protect_image(self) -> None:
         dlg = ProtectDialog(self)
-        if dlg.exec() != ProtectDialog.DialogCode.Accepted:
-            return
-        image, store, size = dlg.values()
+        try:
+            if dlg.exec() != ProtectDialog.DialogCode.Accepted:
+                return
+            image, store, size = dlg.values()
+        finally:
+            dlg.deleteLater()  # not left as the window's child until exit (a crash at interpreter exit)
         self.protect(image, store, size)
 
     def protect(self, image: str, store: str, size: int | None = None) -> VolumeView | None:
