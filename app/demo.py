@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -29,6 +30,7 @@ import xxhash
 DEMO_SIZE = 64 * 1024 * 1024
 PRIMARY_NAME = "demo-disk.img"
 STORE_NAME = "history"
+DEMO_MARK = re.compile(r"demo-(\d+)-\d+-files")  # the workload's marks (engine.store.AUTO_MARK)
 
 
 def demo_root() -> Path:
@@ -359,6 +361,15 @@ class DemoWorkload(threading.Thread):
             self.marks_made.append(name)
             return m
 
+    def _next_mark_name(self) -> str:
+        """demo-N-F-files, N one past the newest demo mark in the store: a resumed (or rewound)
+        demo continues the numbering instead of running into a mark it made before."""
+        taken = {m.name for m in self.store.marks()}
+        n = max((int(m.group(1)) for m in map(DEMO_MARK.fullmatch, taken) if m), default=0) + 1
+        while (name := f"demo-{n}-{len(self.files)}-files") in taken:
+            n += 1
+        return name
+
     def run(self) -> None:
         try:
             with self.lock:
@@ -374,8 +385,8 @@ class DemoWorkload(threading.Thread):
                     self.ops += 1
                     self.log.record(int(self.store.head), self.files)
                     if self.ops % self.mark_every == 0:
-                        name = f"demo-{len(self.marks_made) + 1}-{len(self.files)}-files"
-                        self.store.mark(name)
+                        name = self._next_mark_name()
+                        self.store.mark(name)  # the program's mark: it follows retention
                         self.marks_made.append(name)
                     if time.monotonic() - last_flush > 2.0:
                         self.store.live.flush()

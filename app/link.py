@@ -180,8 +180,21 @@ class Link:
     def marks(self) -> list[Any]:
         return list(self.store.marks())
 
-    def mark(self, name: str) -> Any:
-        return self.store.mark(name)
+    def mark(self, name: str, pinned: bool = True, at: int | None = None) -> Any:
+        """A mark; the console's are a person's (kept until removed) unless `pinned` is False."""
+        if at is None:
+            return self.store.mark(name, pinned=pinned)
+        return self.store.mark(name, pinned=pinned, at=at)
+
+    def unmark(self, name: str) -> Any:
+        return self.store.unmark(name)
+
+    def pin(self, name: str, pinned: bool = True) -> Any:
+        return self.store.pin(name, pinned)
+
+    def fade_preview(self, policy: str | None = None) -> dict[str, Any]:
+        """What a fade would remove now (under `policy`, or the store's own); changes nothing."""
+        return dict(self.store.fade_preview(policy))
 
     def stats(self, since_ns: int | None = None) -> list[Any]:
         return list(self.store.stats(since_ns=since_ns))
@@ -284,6 +297,10 @@ class RetentionPreview:
     points_now: int  # points (writes and marks) in the history now
     kept: int = 0
     pinned: list[str] = field(default_factory=list)
+    # what the engine's own fade would remove under this policy (store.fade_preview): the marks
+    # Rewind made that go with their points (a person's never do), and how many points go
+    marks_fading: list[str] = field(default_factory=list)
+    points_removed: int | None = None
 
 
 def bands_for(policy: Policy, now_ns: int) -> list[Band]:

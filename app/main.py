@@ -17,7 +17,6 @@ from PySide6.QtCore import QSettings, QSize, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
-    QFileDialog,
     QLabel,
     QListWidget,
     QListWidgetItem,
@@ -33,6 +32,7 @@ from PySide6.QtWidgets import (
 
 from .assets import app_icon
 from .dialogs import errors as errdlg
+from .dialogs import files
 from .dialogs.protect import ProtectDialog
 from .format import human_bytes, human_time
 from .theme import apply_theme
@@ -87,7 +87,7 @@ class MainWindow(QMainWindow):
         add_menu = QMenu(add)
         add_menu.addAction("Protect a disk image...", self.protect_image)
         add_menu.addAction("Open a protection...", self.open_protection)
-        add_menu.addAction("Try the demo", self.open_demo)
+        add_menu.addAction("Try the demo", lambda: self.open_demo())  # not triggered(bool) as `interval`
         add.setMenu(add_menu)
         side = QWidget()
         sl = QVBoxLayout(side)
@@ -104,7 +104,7 @@ class MainWindow(QMainWindow):
         self.welcome = WelcomeView()
         self.welcome.protectRequested.connect(self.protect_image)
         self.welcome.openRequested.connect(self.open_protection)
-        self.welcome.demoRequested.connect(self.open_demo)
+        self.welcome.demoRequested.connect(lambda: self.open_demo())
         self.welcome.recentRequested.connect(self.open_store)
         self.stack.addWidget(self.welcome)
         split = QSplitter(Qt.Orientation.Horizontal)
@@ -130,7 +130,7 @@ class MainWindow(QMainWindow):
         a.setShortcut(QKeySequence.StandardKey.New)
         a = m.addAction("&Open a protection...", self.open_protection)
         a.setShortcut(QKeySequence.StandardKey.Open)
-        m.addAction("Try the &demo", self.open_demo)
+        m.addAction("Try the &demo", lambda: self.open_demo())
         m.addSeparator()
         a = m.addAction("&Close this protection", self.close_current)
         a.setShortcut(QKeySequence.StandardKey.Close)
@@ -258,15 +258,18 @@ class MainWindow(QMainWindow):
         return self._add_view(Path(store_dir).name, start=lambda w: w.open(store_dir))
 
     def open_protection(self) -> None:
-        d = QFileDialog.getExistingDirectory(self, "Open a protection (its history folder)", str(Path.home()))
+        d = files.existing_dir(self, "Open a protection (its history folder)", str(Path.home()))
         if d:
             self.open_store(d)
 
     def protect_image(self) -> None:
         dlg = ProtectDialog(self)
-        if dlg.exec() != ProtectDialog.DialogCode.Accepted:
-            return
-        image, store, size = dlg.values()
+        try:
+            if dlg.exec() != ProtectDialog.DialogCode.Accepted:
+                return
+            image, store, size = dlg.values()
+        finally:
+            dlg.deleteLater()  # not left as the window's child until exit (a crash at interpreter exit)
         self.protect(image, store, size)
 
     def protect(self, image: str, store: str, size: int | None = None) -> VolumeView | None:

@@ -124,6 +124,8 @@ class VolumeWorker(QObject):
     fileReady = Signal(str, object, object)  # purpose, path, bytes
     confirmInfo = Signal(int, object)  # seq, {"blocks": n, "bytes": n}
     marked = Signal(object)  # Mark
+    marksEdited = Signal(str, str)  # action ("rename" | "remove" | "keep"), the mark's name
+    fadePreview = Signal(str, object)  # then ("fade" | "apply"), store.fade_preview()
     jobStarted = Signal(str)
     jobProgress = Signal(str, object)  # kind, Progress
     jobDone = Signal(str, object)  # kind, result
@@ -374,6 +376,13 @@ class VolumeWorker(QObject):
                 horizon = link.horizon
                 p = preview_retention(policy, list(self.series.t), list(self.series.writes), link.marks(),
                                       link.point_time(horizon), time.time_ns())
+                try:
+                    exact = link.fade_preview(policy)  # what the fade itself would remove
+                except Exception:  # noqa: BLE001 - an older serve: the estimate alone is shown
+                    exact = None
+                if exact is not None:
+                    p.marks_fading = [str(m) for m in exact.get("marks", [])]
+                    p.points_removed = int(exact.get("points", 0))
             except Exception as e:  # noqa: BLE001 - a bad policy is answered, not raised
                 self.retentionPreview.emit(gen, e)
                 return
@@ -400,13 +409,42 @@ class VolumeWorker(QObject):
 
     # -- actions --------------------------------------------------------------------------------
     def mark(self, name: str) -> None:
+        """A person's mark (Mark now): kept until they remove it."""
         def run() -> None:
             assert self.link is not None
             with self._quiet():
-                m = self.link.mark(name)
+                m = self.link.mark(name, pinned=True)
             self.marked.emit(m)
             self.snapshot.emit(self._snapshot())
         self._post("mark", run)
+
+    def edit_mark(self, action: str, name: str, new_name: str = "") -> None:
+        """The marks list: "remove", "rename" (a new mark at the same point, then the old one
+        removed: both journaled), "keep" (a mark the program made is kept until removed)."""
+        def run() -> None:
+            link = self.link
+            assert link is not None
+            m = next((x for x in link.marks() if x.name == name), None)
+            if m is None:
+                raise ValueError(f"the mark {name!r} is gone (removed, or faded with its point)")
+            if action == "rename":
+                link.mark(new_name, pinned=bool(m.pinned), at=int(m.seq))
+                link.unmark(name)
+            elif action == "remove":
+                link.unmark(name)
+            elif action == "keep":
+                link.pin(name, True)
+            self.marksEdited.emit(action, name)
+            self.snapshot.emit(self._snapshot())
+        self._post("mark", run)
+
+    def fade_preview(self, policy: str | None, then: str) -> None:
+        """What a fade under `policy` would remove (answers fadePreview with `then`: what the view
+        does once the person agrees, "fade" or "apply")."""
+        def run() -> None:
+            assert self.link is not None
+            self.fadePreview.emit(then, self.link.fade_preview(policy))
+        self._post("fade-preview", run)
 
     def start_serve(self, address: str = "unix:") -> None:
         def run() -> None:

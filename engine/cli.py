@@ -168,10 +168,12 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--watch", action="store_true", help="journal changes other programs make to PRIMARY")
     c.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("mark", help="name the present point")
+    c = sub.add_parser("mark", help="name a point (now by default); kept until you remove it")
     c.add_argument("dir", metavar="DIR")
     c.add_argument("name", metavar="NAME")
-    c.add_argument("--pin", action="store_true", help="keep this point until the mark is removed")
+    c.add_argument("--at", metavar="POINT", help="the point to name (default: now)")
+    c.add_argument("--remove", action="store_true", help="remove the mark NAME (its point then follows retention)")
+    c.add_argument("--pin", action="store_true", help=argparse.SUPPRESS)  # the default now; still accepted
     c.add_argument("--freeze", metavar="MOUNTPOINT", help="fsfreeze MOUNTPOINT around the mark")
     c.set_defaults(func=cmd_mark)
 
@@ -332,18 +334,25 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 
 def cmd_mark(args: argparse.Namespace) -> int:
+    """A person's mark: kept until they remove it (`--remove`); retention never deletes it."""
     if not args.name or len(args.name) > 200 or "\n" in args.name:
         raise BadInput("bad mark name: give a short name on one line, e.g. before-upgrade")
+    if args.remove and (args.at is not None or args.freeze):
+        raise BadInput("--remove takes only the mark's name: rewind mark DIR NAME --remove")
     with open_store(args.dir) as store:
+        if args.remove:
+            m = store.unmark(args.name)
+            _out(f"removed mark {_get(m, 'name')} (seq {_get(m, 'seq')}); its point now follows retention")
+            return 0
         if args.freeze:
             from .frontends.freeze import frozen
 
             with frozen(args.freeze):
-                m = store.mark(args.name, pinned=args.pin)
+                m = store.mark(args.name, pinned=True, at=args.at)
         else:
-            m = store.mark(args.name, pinned=args.pin)
-        pinned = " (pinned)" if _get(m, "pinned") else ""
-        _out(f"mark {_get(m, 'name')} = seq {_get(m, 'seq')} at {_fmt_time(_get(m, 'time_ns'))}{pinned}")
+            m = store.mark(args.name, pinned=True, at=args.at)
+        kept = " (kept until removed)" if _get(m, "pinned") else " (follows retention)"
+        _out(f"mark {_get(m, 'name')} = seq {_get(m, 'seq')} at {_fmt_time(_get(m, 'time_ns'))}{kept}")
     return 0
 
 
@@ -408,10 +417,11 @@ def format_log(info: dict[str, Any]) -> list[str]:
         lines.append("")
         lines.append(f"marks ({len(marks)}):")
         if marks:
-            lines.append(f"  {'name':<24} {'seq':>10}  {'time':<29} pinned")
+            lines.append(f"  {'name':<24} {'seq':>10}  {'time':<29} kept")
         for m in marks:
+            kept = "until removed" if _get(m, "pinned") else "by retention (made by Rewind)"
             lines.append(f"  {str(_get(m, 'name')):<24} {str(_get(m, 'seq')):>10}  "
-                         f"{_fmt_time(_get(m, 'time_ns')):<29} {'yes' if _get(m, 'pinned') else 'no'}")
+                         f"{_fmt_time(_get(m, 'time_ns')):<29} {kept}")
     if isinstance(maps, list):
         lines.append("")
         lines.append(f"delta maps ({len(maps)}):")

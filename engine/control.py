@@ -3,7 +3,7 @@
 `serve` takes the store's exclusive lock, so other processes cannot open it. It therefore listens on
 DIR/control.sock (mode 0600, same user only) and answers JSON-lines requests on the store it holds:
 
-    request   {"op": "mark", "args": {"name": "before"}}
+    request   {"op": "mark", "args": {"name": "before", "pinned": true, "at": "seq:5"}}
     replies   {"progress": {"phase": "export", "done": 4096, "total": 8192, "rate": 1e6}}   (jobs only)
               {"ok": true, "result": ...}
               {"ok": false, "exit_code": 2, "error": "PointError", "message": "..."}
@@ -606,7 +606,19 @@ def _op_mark(srv: ControlServer, args: dict[str, Json]) -> Json:
     pinned = args.get("pinned", False)
     if not isinstance(pinned, bool):
         raise BadInput("control request: 'pinned' must be true or false")
-    return srv.store.mark(name, pinned=pinned)
+    at = _arg_point(args, "at") if args.get("at") is not None else None
+    return srv.store.mark(name, pinned=pinned, at=at)
+
+
+def _op_unmark(srv: ControlServer, args: dict[str, Json]) -> Json:
+    return srv.store.unmark(_arg_text(args, "name"))
+
+
+def _op_fade_preview(srv: ControlServer, args: dict[str, Json]) -> Json:
+    policy = args.get("policy")
+    if policy is not None and not isinstance(policy, str):
+        raise BadInput("control request: 'policy' must be text")
+    return srv.store.fade_preview(policy)
 
 
 def _op_pin(srv: ControlServer, args: dict[str, Json]) -> Json:
@@ -707,6 +719,8 @@ _SIMPLE_OPS: dict[str, Callable[[ControlServer, dict[str, Json]], Json]] = {
     "maps": _op_maps,
     "mark": _op_mark,
     "pin": _op_pin,
+    "unmark": _op_unmark,
+    "fade_preview": _op_fade_preview,
     "resolve": _op_resolve,
     "point_time": _op_point_time,
     "stats": _op_stats,
@@ -1042,8 +1056,19 @@ class RemoteStore:
             raise ProtocolError("control socket: maps is not a list of objects")
         return r
 
-    def mark(self, name: str, pinned: bool = False) -> Any:
-        return mark_from_json(self._call("mark", name=name, pinned=pinned))
+    def mark(self, name: str, pinned: bool = False, at: str | int | None = None) -> Any:
+        if at is None:
+            return mark_from_json(self._call("mark", name=name, pinned=pinned))
+        return mark_from_json(self._call("mark", name=name, pinned=pinned, at=at))
+
+    def unmark(self, name: str) -> Any:
+        return mark_from_json(self._call("unmark", name=name))
+
+    def fade_preview(self, policy: str | None = None) -> dict[str, Any]:
+        r = self._call("fade_preview", policy=policy)
+        if not isinstance(r, dict):
+            raise ProtocolError("control socket: fade_preview is not an object")
+        return r
 
     def pin(self, name: str, pinned: bool = True) -> Any:
         return mark_from_json(self._call("pin", name=name, pinned=pinned))

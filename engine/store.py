@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -49,6 +50,7 @@ from .view import HOLE, LAST_NONE, TOUCHED, UNTOUCHED, Volume
 
 FORMAT = 1
 FUTURE_SKEW_NS = 2 * 10**9  # clocks of two machines (a client naming a time) may differ this much
+AUTO_MARK = re.compile(r"before-rewind-\d+|demo-\d+-\d+-files")  # names the program gives its marks
 # record kinds as plain ints: comparing with an IntEnum member costs six times more on the hot path
 K_WRITE, K_BASELINE, K_ZERO, K_MARK, K_UNMARK = (int(k) for k in (Kind.WRITE, Kind.BASELINE, Kind.ZERO, Kind.MARK, Kind.UNMARK))
 MAP_SPAN_NS = 60 * 10**9  # a new delta map at least every minute of writes
@@ -119,6 +121,18 @@ class _Gen:
                 if ver[0] <= seq:
                     return ver
         return None
+
+    def add_mark(self, name: str, seq: int, t: int, pinned: int) -> None:
+        """A mark made in this generation (an earlier removal of the same name is overtaken)."""
+        if name in self.unmarks:
+            self.unmarks.remove(name)
+        self.marks = [m for m in self.marks if m[0] != name]
+        self.marks.append((name, seq, t, pinned))
+
+    def drop_mark(self, name: str) -> None:
+        """A mark removed in this generation (commit deletes it from the index)."""
+        self.marks = [m for m in self.marks if m[0] != name]
+        self.unmarks.append(name)
 
     def empty(self) -> bool:
         return not (self.versions or self.records or self.marks or self.unmarks or self.last_seq)
@@ -200,6 +214,7 @@ class Store:
             "horizon_seq": 0,
             "horizon_ns": now,
             "mode": "mirror",
+            "marks_owned": 1,  # marks are a person's (pinned) or the program's (see _own_marks)
         }
         _write_json(d / "store.json", meta)
         store = cls.open(d, clock=clock)
@@ -266,6 +281,7 @@ class Store:
             if note:
                 self.recovery.append(note)
             self._recover()
+            self._own_marks()
             self._build_state()
         except BaseException:
             self._release()
@@ -289,6 +305,7 @@ class Store:
         self._space_wake = threading.Event()  # the journal nears its limit: fade now
         self._space_high: int | None = None  # journal bytes that start a fade (None: no limit to keep)
         self._faded_unnoted = 0  # early fade steps not yet noted (see fade)
+        self._space_held_at: int | None = None  # an early fade stopped at this person's mark
         self._faded_noted_t = -FADED_NOTE_S  # the first is noted at once
         self._set_space_limit()
 
@@ -389,9 +406,10 @@ class Store:
                 if h.kind != K_BASELINE:
                     self._add_record(gen, h.seq, h.time_ns, int(h.kind), h.block, h.count)
                 if h.kind == K_MARK:
-                    gen.marks.append((rec.name, h.seq, h.time_ns, 0))
+                    # aux: the earlier point it names (`mark --at`), block: that point's time
+                    gen.add_mark(rec.name, h.aux or h.seq, h.block if h.aux else h.time_ns, 0)
                 elif h.kind == K_UNMARK:
-                    gen.unmarks.append(rec.name)
+                    gen.drop_mark(rec.name)
                 gen.last_seq = h.seq
                 gen.end_pos = (rec.segno, rec.end)
         except TornTail as t:
@@ -431,6 +449,24 @@ class Store:
                 self._indexed_pos = (1, 16)
         if self._redo_pos is None:
             self._set_redo_start(self._indexed_pos)
+
+    def _own_marks(self) -> None:
+        """Stores from before marks belonged to a person (store.json without `marks_owned`): every
+        mark they hold is taken as a person's and kept until removed, except the names the program
+        makes (before-rewind-N, the demo's demo-N-M-files), which follow retention. Keeping too
+        much is the safe side: a person can remove a mark, never bring a faded one back."""
+        if self.meta.get("marks_owned"):
+            return
+        names = [m.name for m in self._db.marks() if not AUTO_MARK.fullmatch(m.name)]
+        pins = sorted(set(self.meta.get("pinned", [])) | set(names))
+        with self._wdb.write():
+            self._wdb.db.executemany("UPDATE marks SET pinned=1 WHERE name=?", [(n,) for n in pins])
+        self.meta["pinned"] = pins
+        self.meta["marks_owned"] = 1
+        self.save_meta()
+        if names:
+            self.recovery.append(f"{len(names)} mark(s) from before marks were kept until removed are now kept"
+                                 " until removed (`rewind mark DIR NAME --remove` removes one)")
 
     def _undo_torn(self, ranges: list[tuple[int, int]]) -> None:
         """The primary may hold writes whose journal records were torn: put back the journaled state."""
@@ -790,6 +826,8 @@ class Store:
             return
         deadline = time.monotonic() + SPACE_WAIT_S
         while self.journal.total_bytes > limit and not self._closed and self._space_high is not None:
+            if self._space_held_at is not None and self._space_held_at == self.horizon:
+                return  # a person's mark holds the history: over the limit rather than refusing writes
             if time.monotonic() > deadline:
                 raise NoSpace(
                     f"the journal is at its space limit ({limit} bytes) and fading history has not made room"
@@ -963,7 +1001,7 @@ class Store:
             if blocks is not None:
                 gen.nindexed = len(versions)
                 blocks = None
-            if last is not None and kind != K_BASELINE and kind != K_MARK:
+            if last is not None and kind != K_BASELINE and kind != K_MARK and kind != K_UNMARK:
                 s32 = seq if seq < LAST_NONE else LAST_NONE
                 if count == 1:
                     last[b0] = s32
@@ -972,7 +1010,7 @@ class Store:
             if kind == K_ZERO:
                 zl = zero_loc(segno, start + rel)
                 versions.extend(zip(range(b0, b0 + count), repeat(seq), repeat(zl), repeat(0)))
-            elif kind == K_MARK:
+            elif kind == K_MARK or kind == K_UNMARK:
                 pass
             elif count == 1:
                 versions.append((b0, aux if kind == K_BASELINE else seq, base + rel + 4, crcs))
@@ -1178,25 +1216,56 @@ class Store:
                     return Mark(m[0], m[1], m[2], bool(m[3]))
         return self._db.mark(name)
 
-    def mark(self, name: str, pinned: bool = False) -> Mark:
-        """Name the present point. Durable when this returns."""
+    def mark(self, name: str, pinned: bool = False, at: str | int | None = None) -> Mark:
+        """Name the present point, or the point `at` (a POINT or a seq). `pinned`: kept until
+        removed (a person's mark); otherwise it follows retention (the program's marks: before-
+        rewind-N, the demo's). Durable when this returns."""
         check_mark_name(name)
+        target = None if at is None else self.resolve(at)
         with self._turn():
             if self._find_mark(name) is not None:
-                raise BadInput(f"a mark named {name!r} exists: pick another name")
+                raise BadInput(f"a mark named {name!r} exists: pick another name, or remove it first")
             raw = name.encode()
             seq, t = self._next()
             batch = _Batch()
-            batch.add(K_MARK, seq, t, 0, 0, memoryview(raw), bs=self.block_size)
+            if target is not None and target < seq:
+                # the MARK record names an earlier point: aux = its seq, block = its time
+                mseq, mt = target, self.point_time(target)
+                batch.add(K_MARK, seq, t, mt, 0, memoryview(raw), bs=self.block_size, aux=mseq)
+            else:
+                mseq, mt = seq, t
+                batch.add(K_MARK, seq, t, 0, 0, memoryview(raw), bs=self.block_size)
             self._apply(batch)
-            self._gen.marks.append((name, seq, t, int(pinned)))
-            if pinned:
-                self.meta["pinned"] = sorted({*self.meta.get("pinned", []), name})
+            self._gen.add_mark(name, mseq, mt, int(pinned))
+            pins = set(self.meta.get("pinned", []))
+            if pinned or name in pins:
+                (pins.add if pinned else pins.discard)(name)
+                self.meta["pinned"] = sorted(pins)
                 self.save_meta()
         self.flush()
         self._index_sync()
-        m = Mark(name, seq, t, pinned)
-        self._emit("mark", {"name": name, "seq": seq, "time_ns": t})
+        m = Mark(name, mseq, mt, pinned)
+        self._emit("mark", {"name": name, "seq": mseq, "time_ns": mt, "pinned": pinned})
+        return m
+
+    def unmark(self, name: str) -> Mark:
+        """Remove a mark (its point stays while retention keeps it). Journaled, durable on return."""
+        with self._turn():
+            m = self._find_mark(name)
+            if m is None:
+                names = ", ".join(x.name for x in self.marks()[-5:]) or "none yet"
+                raise BadInput(f"no mark named {name!r} (marks: {names}); see `rewind log`")
+            seq, t = self._next()
+            batch = _Batch()
+            batch.add(K_UNMARK, seq, t, 0, 0, memoryview(name.encode()), bs=self.block_size)
+            self._apply(batch)
+            self._gen.drop_mark(name)
+            if name in self.meta.get("pinned", []):
+                self.meta["pinned"] = sorted(set(self.meta["pinned"]) - {name})
+                self.save_meta()
+        self.flush()
+        self._index_sync()
+        self._emit("unmark", {"name": name, "seq": m.seq})
         return m
 
     def points(self, since_seq: int | None = None) -> list[tuple[int, int]]:
@@ -1268,7 +1337,8 @@ class Store:
                 "segments": len(self.journal.segment_numbers()),
                 "horizon": {"seq": self.horizon, "time_ns": int(self.meta["horizon_ns"])},
                 "head": {"seq": self._head, "time_ns": self._last_time},
-                "marks": [m.__dict__ for m in db.marks()],
+                "marks": [{**m.__dict__, "kept": "until removed" if m.pinned else "by retention"}
+                          for m in db.marks()],
                 "maps": [m.__dict__ for m in db.maps()],
                 "recovery": list(self.recovery),
                 "retention": self.retention(),
@@ -1379,6 +1449,19 @@ class Store:
         high = self._space_high
         return high is not None and self.journal.total_bytes >= high
 
+    def _space_held_by_mark(self, seq: int) -> None:
+        """An early fade stops at a person's mark (kept until removed): say so once per mark; the
+        journal may then grow past its limit, since refusing writes would fail the volume's user."""
+        if self._space_held_at == seq:
+            return
+        self._space_held_at = seq
+        with self._lock:
+            names = [m.name for m in self._db.marks() if m.seq == seq]
+        name = names[0] if names else f"seq:{seq}"
+        self._emit("space-held", {"seq": seq, "mark": name, "message": (
+            f"history is over its size limit and is kept from your mark '{name}' on: remove that mark"
+            " (rewind mark DIR NAME --remove) or raise the limit to let older history go")})
+
     def space_used(self) -> int:
         """Bytes the journal holds (a running count, exact after each fade)."""
         return self.journal.total_bytes
@@ -1429,6 +1512,12 @@ class Store:
         self._faded_noted_t = time.monotonic()
         self._emit("faded-early", note)
         return note
+
+    def fade_preview(self, policy: str | None = None) -> dict[str, Any]:
+        """What fade() would remove now (under `policy`, or the store's own); changes nothing."""
+        from .jobs.fade import fade_preview
+
+        return fade_preview(self, policy)
 
     def start_retention(self, interval_s: float = 60.0, throttle: float = 0.005) -> None:
         """Apply retention in the background (serve does this), gently, every `interval_s`;

@@ -127,7 +127,7 @@ def test_format_log_handles_what_info_gives() -> None:
         "recovery": ["cut a torn journal tail"],
     })
     text = "\n".join(lines)
-    for want in ("/d.img", "1.0 MiB", "seq 3", "marks (1)", "delta maps (1)", "torn", "yes"):
+    for want in ("/d.img", "1.0 MiB", "seq 3", "marks (1)", "delta maps (1)", "torn", "until removed"):
         assert want in text
 
 
@@ -264,6 +264,49 @@ def test_protect_and_log_without_serve(session: Session, tmp_path: Path) -> None
     r = session.rewind("retention", "s", "--max-size", "none")
     assert "max size:      none" in r.stdout
     assert session.rewind("fade", "s").stdout.startswith("faded")
+
+
+def test_mark_at_remove_and_log_say_how_marks_are_kept(session: Session, tmp_path: Path) -> None:
+    """`rewind mark DIR NAME [--at POINT]` is a person's mark, kept until `--remove`; `log` says
+    which marks are kept and which follow retention (the program's before-rewind-N); the same
+    works through the control socket while serve runs."""
+    session.rewind("protect", "d.img", "--store", "s", "--size", "1M")
+    from rewind.engine.store import Store
+
+    with Store.open(tmp_path / "s") as st:
+        st.live.write(0, b"a" * 4096)
+        st.live.write(4096, b"b" * 4096)
+        st.mark("before-rewind-1")  # as a rewind makes it: the program's
+    r = session.rewind("mark", "s", "first-write", "--at", "seq:1")
+    assert "seq 1" in r.stdout and "kept until removed" in r.stdout
+    session.rewind("mark", "s", "now-mark")
+    info = json.loads(session.rewind("log", "s", "--json").stdout)
+    kept = {m["name"]: (m["seq"], m["pinned"], m["kept"]) for m in info["marks"]}
+    assert kept["first-write"] == (1, True, "until removed")
+    assert kept["now-mark"][1:] == (True, "until removed")
+    assert kept["before-rewind-1"][1:] == (False, "by retention")
+    log = session.rewind("log", "s").stdout
+    assert any("first-write" in ln and "until removed" in ln for ln in log.splitlines()), log
+    assert any("before-rewind-1" in ln and "by retention" in ln for ln in log.splitlines()), log
+    r = session.rewind("mark", "s", "now-mark", ok=2)
+    assert "exists" in r.stderr and "Traceback" not in r.stderr
+    r = session.rewind("mark", "s", "nope", "--remove", ok=2)
+    assert "no mark named 'nope'" in r.stderr
+    r = session.rewind("mark", "s", "x", "--at", "seq:999", ok=2)
+    assert "outside the history" in r.stderr
+    assert "removed mark now-mark" in session.rewind("mark", "s", "now-mark", "--remove").stdout
+    serve, _ready = start_serve(tmp_path, "s")
+    try:  # through the control socket: serve holds the lock
+        session.rewind("mark", "s", "served", "--at", "mark:first-write")
+        session.rewind("mark", "s", "first-write", "--remove")
+        info = json.loads(session.rewind("log", "s", "--json").stdout)
+        assert {m["name"]: (m["seq"], m["kept"]) for m in info["marks"]} == {
+            "before-rewind-1": (kept["before-rewind-1"][0], "by retention"), "served": (1, "until removed")}
+    finally:
+        rc, _out, err = stop_serve(serve)
+    assert rc == 0, err
+    info = json.loads(session.rewind("log", "s", "--json").stdout)
+    assert sorted(m["name"] for m in info["marks"]) == ["before-rewind-1", "served"]
 
 
 def test_serve_stops_cleanly_on_sigint(tmp_path: Path) -> None:

@@ -214,6 +214,85 @@ def test_pinned_mark_survives_fading(tmp_path: Path) -> None:
     s.close()
 
 
+def test_persons_marks_kept_programs_marks_follow_retention(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A person's marks (pinned: `rewind mark`, the console's Mark now) survive every fade; the
+    program's (before-rewind-N, the demo's) go with their points; fade_preview says beforehand
+    exactly what the fade then removes; a mark `--at` an earlier point and a removal are journaled
+    (they survive an index rebuild and the compaction of their segments)."""
+    monkeypatch.setattr(Journal, "SEGMENT_LIMIT", 1200)  # a few records a segment: the fade reclaims
+    clock = Clock()
+    s = Store.create(tmp_path / "d.img", tmp_path / "st", size=SIZE, block_size=BS, clock=clock)
+    s.set_retention(policy="1h:all")
+    for i in range(12):  # history older than every mark: it fades, and its segments go
+        s.live.write(0, bytes([i + 1]) * BS)
+        s.live.write(2 * BS, bytes([i + 1]) * BS)
+    s.live.write(0, b"a" * BS)
+    first = s.head
+    s.live.write(BS, b"x" * BS)
+    s.mark("mine", pinned=True)
+    s.mark("demo-1-3-files")
+    s.live.write(0, b"b" * BS)
+    s.mark("before-rewind-1")
+    later = s.mark("named-later", pinned=True, at=f"seq:{first}")  # a person names an earlier point
+    assert later.seq == first and later.time_ns == s.point_time(first)
+    for i in range(6):  # its MARK record's neighbours are overwritten: the fade reclaims that segment
+        s.live.write(3 * BS, bytes([i + 1]) * BS)
+    s.mark("gone-soon", pinned=True)
+    s.unmark("gone-soon")
+    with pytest.raises(BadInput):
+        s.unmark("gone-soon")
+    with pytest.raises(BadInput):
+        s.mark("mine", pinned=True)
+    clock.advance(2 * H)
+    s.live.write(0, b"c" * BS)
+    before = s.fade_preview()
+    assert sorted(before["marks"]) == ["before-rewind-1", "demo-1-3-files"], before
+    assert sorted(before["kept_marks"]) == ["mine", "named-later"]
+    assert before["horizon_moves"] and before["points"] > 0
+    faded = s.fade().run()
+    assert faded["points_dropped"] == before["points"]
+    assert faded["segments_deleted"] + faded["segments_compacted"] > 0, faded
+    assert sorted(m.name for m in s.marks()) == ["mine", "named-later"]
+    assert s.horizon == first  # the oldest kept mark holds the horizon
+    assert s.point_time(s.horizon) == before["horizon"]["time_ns"]
+    assert s.at("mark:named-later").read(0, 1) == b"a" and s.at("mark:mine").read(BS, 1) == b"x"
+    s.close()
+    (tmp_path / "st" / "maps.db").unlink()  # the index is rebuilt from the journal
+    for p in (tmp_path / "st").glob("maps.db-*"):
+        p.unlink()
+    s = Store.open(tmp_path / "st", clock=clock)
+    assert {m.name: (m.seq, m.pinned) for m in s.marks()} == {"mine": (first + 2, True), "named-later": (first, True)}
+    assert s.at("mark:named-later").read(0, 1) == b"a"
+    s.unmark("mine")
+    clock.advance(2 * H)
+    s.live.write(0, b"d" * BS)
+    assert s.fade_preview()["marks"] == []  # a removed mark is no mark: its point follows retention
+    s.fade().run()
+    assert [m.name for m in s.marks()] == ["named-later"]
+    s.close()
+
+
+def test_marks_of_an_older_store_become_a_persons(tmp_path: Path) -> None:
+    """A store from before marks belonged to a person: its marks are kept until removed on first
+    open, except the names the program gives (before-rewind-N, demo-N-M-files)."""
+    s = Store.create(tmp_path / "d.img", tmp_path / "st", size=SIZE, block_size=BS)
+    s.live.write(0, b"a" * BS)
+    for name in ("upgrade", "before-rewind-2", "demo-4-12-files"):
+        s.mark(name)
+    s.close()
+    meta = json.loads((tmp_path / "st" / "store.json").read_text())
+    del meta["marks_owned"]
+    (tmp_path / "st" / "store.json").write_text(json.dumps(meta))
+    s = Store.open(tmp_path / "st")
+    assert {m.name: m.pinned for m in s.marks()} == {"upgrade": True, "before-rewind-2": False,
+                                                     "demo-4-12-files": False}
+    assert any("kept until removed" in n for n in s.recovery)
+    s.close()
+    s = Store.open(tmp_path / "st")  # once only, and it lasts
+    assert not s.recovery and json.loads((tmp_path / "st" / "store.json").read_text())["pinned"] == ["upgrade"]
+    s.close()
+
+
 def test_space_limit_fades_early_or_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Journal, "SEGMENT_LIMIT", 32 << 10)
     clock = Clock()

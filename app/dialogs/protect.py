@@ -10,7 +10,6 @@ from platformdirs import user_data_dir
 from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -20,6 +19,8 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
+from . import files
 
 
 def default_store_dir(primary: str) -> Path:
@@ -79,13 +80,13 @@ class ProtectDialog(QDialog):
         self.store.textEdited.connect(lambda _t: setattr(self, "_auto_store", False))
 
     def _pick_image(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Disk image to protect (new or existing)",
-                                              str(Path.home()), options=QFileDialog.Option.DontConfirmOverwrite)
+        path = files.save_path(self, "Disk image to protect (new or existing)", str(Path.home()),
+                               confirm_overwrite=False)
         if path:
             self.image.setText(path)
 
     def _pick_store(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Folder for the history", str(Path.home()))
+        path = files.existing_dir(self, "Folder for the history", str(Path.home()))
         if path:
             self.store.setText(path)
             self._auto_store = False

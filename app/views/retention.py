@@ -65,6 +65,7 @@ class RetentionPage(QWidget):
     view to run Fade now (as a job with its progress dialog)."""
 
     fadeRequested = Signal()
+    applyRequested = Signal(str, int, str)  # policy, max_size (0: none), on_full: the view asks first
     openTimeline = Signal()
 
     def __init__(self, worker: Any, parent: QWidget | None = None) -> None:
@@ -76,6 +77,7 @@ class RetentionPage(QWidget):
         self._gen = 0
         self._loading = False
         self._span = (0, 1)
+        self._marks: list[Any] = []
         self._build()
         worker.retentionPreview.connect(self._on_preview)
         worker.retentionApplied.connect(self._on_applied)
@@ -86,7 +88,7 @@ class RetentionPage(QWidget):
         intro = QLabel("Rewind keeps every write while it is young and thins out older history, so the "
                        "journal stays bounded. Each row keeps history younger than its age: every write, or "
                        "the newest point of each step (hourly, daily...). Older history fades into the "
-                       "horizon. Pinned marks are always kept.")
+                       "horizon. Your marks are kept until you remove them.")
         intro.setWordWrap(True)
         intro.setObjectName("muted")
 
@@ -343,7 +345,7 @@ class RetentionPage(QWidget):
         on_full = "refuse" if self.refuse_radio.isChecked() else "fade"
         self.error_label.hide()
         self.status_label.setText("Applying...")
-        self.worker.apply_retention(policy, max_size, on_full)
+        self.applyRequested.emit(policy, max_size, on_full)
 
     def show_error(self, text: str) -> None:
         self.error_label.setText(" ".join(str(text).split()))
@@ -388,8 +390,17 @@ class RetentionPage(QWidget):
                     f"{human_time(p.new_horizon_ns, with_date=True)}.")
         else:
             fade = f"Nothing is older than {prev} yet: the horizon stays at {human_time(p.horizon_ns, with_date=True)}."
-        pins = f" Pinned marks kept whatever the tiers say: {', '.join(p.pinned)}." if p.pinned else ""
-        self.summary.setText(f"<table>{''.join(rows)}</table>{fade}{pins}")
+        pins = (f" Your marks are kept until you remove them, whatever the tiers say: {', '.join(p.pinned)}."
+                if p.pinned else "")
+        gone = (f" Marks Rewind made that go with their points: {', '.join(p.marks_fading)}."
+                if p.marks_fading else "")
+        self.summary.setText(f"<table>{''.join(rows)}</table>{fade}{pins}{gone}")
+        self.timeline.set_marks(self._kept_marks(self._marks))
+
+    def _kept_marks(self, marks: list[Any]) -> list[Any]:
+        """The marks "what will be kept" draws: not those the policy's fade removes."""
+        going = set(self.preview.marks_fading) if self.preview is not None else set()
+        return [m for m in marks if m.name not in going]
 
     # -- from the volume view -----------------------------------------------------------------------
     def set_snapshot(self, snap: Any) -> None:
@@ -405,7 +416,8 @@ class RetentionPage(QWidget):
         now = time.time_ns()
         self._span = (snap.horizon_time, max(now, snap.horizon_time + 1))
         self.timeline.set_range(0, 0, *self._span)
-        self.timeline.set_marks(snap.marks)
+        self._marks = list(snap.marks)
+        self.timeline.set_marks(self._kept_marks(self._marks))
         if self.preview is None and snap.retention:
             try:
                 self.timeline.set_retention(bands_for(Policy.parse(str(snap.retention.get("policy"))), now))

@@ -11,7 +11,6 @@ from typing import Any
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QApplication,
-    QFileDialog,
     QFrame,
     QHBoxLayout,
     QInputDialog,
@@ -27,12 +26,14 @@ from PySide6.QtWidgets import (
 )
 from rewind.engine.errors import Cancelled
 
+from ..dialogs import files
 from ..dialogs.errors import show_error, show_info
 from ..dialogs.jobs import JobDialog, RewindConfirm
 from ..format import human_bytes, human_time
 from ..preview import Preview
 from ..workers import Snapshot, VolumeWorker
 from .charts import Charts
+from .marks import MarksPage
 from .preview import PreviewPane
 from .retention import RetentionPage
 from .timeline import Timeline
@@ -98,6 +99,8 @@ class VolumeView(QWidget):
         self._last_preview_at = 0.0
         self.job_dialog: JobDialog | None = None
         self.rewind_dialog: RewindConfirm | None = None
+        self.fade_dialog: Any = None  # the fade confirmation while it is open
+        self._pending_retention: tuple[str, int, str] | None = None
         self.export_path = ""
         self._undo_mark = ""
         self.shown_gen = 0  # generation of the preview on screen (benchmarks wait on it)
@@ -195,6 +198,9 @@ class VolumeView(QWidget):
         self.tabs.addTab(self.split, "History")
         self.tabs.addTab(self.retention_page, "Retention")
         self.tabs.setTabToolTip(1, "How long history is kept, the journal's space limit, Fade now")
+        self.marks_page = MarksPage()
+        self.tabs.addTab(self.marks_page, "Marks")
+        self.tabs.setTabToolTip(2, "Your marks (kept until you remove them) and the ones Rewind made")
         self.tabs.currentChanged.connect(self._on_tab)
 
         # until the store is open (or when it failed): a message instead of empty charts
@@ -246,13 +252,22 @@ class VolumeView(QWidget):
         self.preview_pane.fileRequested.connect(lambda seq, path: w.read_file("show", seq, path, 1 << 20))
         self.preview_pane.saveRequested.connect(self._save_file)
         self.preview_pane.blockRequested.connect(lambda seq, b: w.read_block(int(seq), int(b)))
-        self.mark_button.clicked.connect(self.mark_now)
-        self.export_button.clicked.connect(self.export_point)
+        # clicked(bool) would land in the optional argument: call with none
+        self.mark_button.clicked.connect(lambda: self.mark_now())
+        self.export_button.clicked.connect(lambda: self.export_point())
         self.rewind_button.clicked.connect(self.rewind_point)
         self.serve_button.toggled.connect(self._toggle_serve)
         self.verify_button.clicked.connect(self.verify)
         self.demo_button.clicked.connect(self._toggle_demo)
         self.retention_page.fadeRequested.connect(self.fade_now)
+        self.retention_page.applyRequested.connect(self._apply_retention)
+        w.fadePreview.connect(self._on_fade_preview)
+        w.marksEdited.connect(self._on_marks_edited)
+        mp = self.marks_page
+        mp.goTo.connect(self._go_to_mark)
+        mp.renameRequested.connect(self.rename_mark)
+        mp.removeRequested.connect(self.remove_mark)
+        mp.keepRequested.connect(lambda name: self.worker.edit_mark("keep", name))
 
     def _set_enabled(self, on: bool) -> None:
         remote = bool(self.snap and self.snap.remote)
@@ -303,6 +318,7 @@ class VolumeView(QWidget):
         self.charts.set_marks(snap.marks)
         self.timeline.set_range(snap.horizon, snap.head, snap.horizon_time, max(snap.head_time, time.time_ns()))
         self.timeline.set_marks(snap.marks)
+        self.marks_page.set_marks(snap.marks)
         if snap.chart is not None:
             c = snap.chart
             self.timeline.set_density(c.t + c.bucket_s / 2, c.writes, c.bucket_s)
@@ -392,6 +408,44 @@ class VolumeView(QWidget):
         self.notify.emit("History faded early", text + " Raise the limit or shorten retention.", "warning")
 
     def fade_now(self) -> None:
+        """Fade now: first work out what it removes (store.fade_preview) and ask."""
+        if self.worker.busy or self.snap is None:
+            return
+        self.worker.fade_preview(None, "fade")
+
+    def _apply_retention(self, policy: str, max_size: int, on_full: str) -> None:
+        """A new policy that would fade history is applied only once the person has seen what goes."""
+        self._pending_retention = (policy, max_size, on_full)
+        if self.snap is not None and policy != str(self.snap.retention.get("policy") or ""):
+            self.worker.fade_preview(policy, "apply")
+        else:
+            self.worker.apply_retention(policy, max_size, on_full)
+
+    def _on_fade_preview(self, then: str, info: dict[str, Any]) -> None:
+        from ..dialogs.fade import FadeConfirm
+
+        pending = self._pending_retention
+        if then == "apply" and pending is not None and not info.get("points") and not info.get("marks"):
+            self.worker.apply_retention(*pending)  # nothing would go: nothing to ask
+            return
+        dlg = FadeConfirm(self, info, self.title, apply=then == "apply")
+        self.fade_dialog = dlg
+
+        def answered(button: Any) -> None:
+            self.fade_dialog = None
+            if button is not dlg.fade_button:
+                if then == "apply":
+                    self.retention_page.status_label.setText("Not applied: nothing changed")
+                return
+            if then == "apply" and pending is not None:
+                self.worker.apply_retention(*pending)
+            elif then == "fade":
+                self._run_fade()
+
+        dlg.buttonClicked.connect(answered)
+        dlg.open()
+
+    def _run_fade(self) -> None:
         """Run the policy now (store.fade()) as a job: progress, Cancel."""
         if self.worker.busy or self.snap is None:
             return
@@ -449,7 +503,8 @@ class VolumeView(QWidget):
                                  "critical")
                 self._set_state("Lost touch with serve")
                 return
-        if what in ("open", "create", "demo"):
+        if what in ("open", "create") or (what == "demo" and self.snap is None):
+            # (a demo step failing later stops the workload only: the history stays on screen)
             self.error = e
             self._set_state("Failed to open")
             self.subtitle.setText("Could not open this protection.")
@@ -468,7 +523,8 @@ class VolumeView(QWidget):
         titles = {"open": "Cannot open the protection", "create": "Cannot protect this image",
                   "demo": "The demo stopped", "serve": "Cannot serve the volume", "mark": "Cannot add the mark",
                   "save-file": "Cannot save the file", "read-file": "Cannot read the file",
-                  "rewind-check": "Cannot prepare the rewind"}
+                  "rewind-check": "Cannot prepare the rewind",
+                  "fade-preview": "Cannot work out what a fade would remove"}
         show_error(self, titles.get(what, "Something went wrong"), e, doing=what)
         if what in ("serve", "stop-serve", "demo"):
             self.notify.emit(titles.get(what, "Rewind"), str(e), "critical")
@@ -558,7 +614,7 @@ class VolumeView(QWidget):
 
     def _save_file(self, seq: int, path: str) -> None:
         name = path.rsplit("/", 1)[-1]
-        dest, _ = QFileDialog.getSaveFileName(self, "Save the file as it was", str(Path.home() / name))
+        dest = files.save_path(self, "Save the file as it was", str(Path.home() / name))
         if dest:
             self.worker.save_file(seq, path, dest)
 
@@ -578,9 +634,8 @@ class VolumeView(QWidget):
         if out is None:
             stamp = _dt.datetime.fromtimestamp(self.preview.time_ns / 1e9).strftime("%Y%m%d-%H%M%S")  # type: ignore[union-attr]
             stem = Path(self.snap.primary).stem if self.snap else "volume"
-            out, _ = QFileDialog.getSaveFileName(self, "Export this point as an image",
-                                                 str(Path.home() / f"{stem}-{stamp}.img"),
-                                                 "Raw disk images (*.img *.raw);;All files (*)")
+            out = files.save_path(self, "Export this point as an image", str(Path.home() / f"{stem}-{stamp}.img"),
+                                  "Raw disk images (*.img *.raw);;All files (*)")
             if not out:
                 return
         self.export_path = out
@@ -634,6 +689,30 @@ class VolumeView(QWidget):
             self.info_bar.hide()
             self._do_rewind(f"mark:{self._undo_mark}", undo=True)
 
+    def _go_to_mark(self, seq: int) -> None:
+        self.tabs.setCurrentIndex(0)
+        self.go_to_seq(seq)
+
+    def rename_mark(self, name: str) -> None:
+        new, ok = QInputDialog.getText(self, "Rename the mark", f"New name for “{name}”:", text=name)
+        new = new.strip() if ok else ""
+        if new and new != name:
+            self.worker.edit_mark("rename", name, new)
+
+    def remove_mark(self, name: str) -> None:
+        from ..dialogs.errors import ask
+
+        m = self.marks_page.mark(name)
+        then = ("its point then follows retention like any other, and may fade" if m is not None and m.pinned
+                else "its point follows retention as before")
+        if ask(self, "Remove the mark?", f"Remove the mark “{name}”?", f"The history is not changed; {then}.",
+               ("Remove", "Cancel"), default=1) == 0:
+            self.worker.edit_mark("remove", name)
+
+    def _on_marks_edited(self, action: str, name: str) -> None:
+        said = {"rename": "renamed", "remove": "removed", "keep": "kept until you remove it"}.get(action, action)
+        self.info_bar.show_message(f"Mark “{name}” {said}.")
+
     def verify(self) -> None:
         self.job_dialog = JobDialog(self, "Verify", f"Checking every checksum of {self.title}'s history...")
         self.job_dialog.cancelRequested.connect(self.worker.cancel_job)
@@ -682,7 +761,7 @@ class VolumeView(QWidget):
         if self.worker.demo_running:
             self.worker.stop_demo()
         else:
-            self.worker.start_demo()
+            self.worker.start_demo(interval=self.worker.demo.interval if self.worker.demo is not None else 0.15)
         QTimer.singleShot(200, self, self.worker.refresh)
 
     # -- jobs ----------------------------------------------------------------------------------------
@@ -772,6 +851,8 @@ class VolumeView(QWidget):
             self._on_write_failed("write", err)
         elif kind == "faded-early":
             self._faded_early([data])
+        elif kind == "space-held":
+            self.notify.emit("History space", f"{self.title}: {data.get('message', kind)}", "warning")
         elif kind in ("near-full", "journal-full"):
             msg = data.get("message") or data.get("note") or ", ".join(f"{k} {v}" for k, v in data.items())
             self.notify.emit("Journal space", f"{self.title}: the journal reached its limit; "

@@ -95,6 +95,38 @@ def _fade(store: Store, check: Callable[[], None], throttle: float,
         db.close()
 
 
+def fade_preview(store: Store, policy: str | None = None) -> dict[str, Any]:
+    """What a fade would remove now under `policy` (the store's own when None); changes nothing.
+    The console shows it before it fades: how many points go, which marks go (only marks that
+    follow retention: a person's are kept until removed), and the oldest moment that stays."""
+    from ..retention import Policy
+
+    store._index_sync()
+    pol = Policy.parse(policy) if policy is not None else store.policy()
+    db = MapDB(store.dir / "maps.db", readonly=True)
+    try:
+        with store._lock:
+            old_h, old_ns = store.horizon, int(store.meta["horizon_ns"])
+        marks = db.marks()
+        points = db.points(old_h)
+    finally:
+        db.close()
+    p = plan(points, store.clock(), pol, [m.seq for m in marks if m.pinned])
+    hz = p.horizon if p.horizon is not None and p.horizon > old_h else old_h
+    drop = {s for s in p.drop if s != hz}
+    gone = [m for m in marks if not m.pinned and (m.seq < hz or m.seq in drop)]
+    limit = (store.retention().get("max_size") or 0)
+    return {
+        "policy": str(pol),
+        "points": len(drop),
+        "marks": [m.name for m in gone],
+        "kept_marks": [m.name for m in marks if m.pinned],
+        "horizon": {"seq": hz, "time_ns": store.point_time(hz) if hz != old_h else old_ns},
+        "horizon_moves": hz != old_h,
+        "over_limit": bool(limit) and store.space_used() > int(limit),
+    }
+
+
 def _seq_freeing(store: Store, free: int, first_open: int) -> int:
     """The newest seq such that the segments before it (oldest first, closed) hold `free` bytes:
     with the horizon there, what they hold is mostly not needed any more (the horizon's own
@@ -124,6 +156,13 @@ def _early_plan(store: Store, p: Plan, points: list[tuple[int, int]], pinned: li
         return p
     i = bisect.bisect_right(kept, upto)
     h = kept[i - 1] if i else kept[0]
+    # a person's mark is kept until removed, space limit or not: history stops at the oldest one
+    # (the limit is then exceeded rather than writes refused; the store says which mark holds it)
+    old = p.horizon if p.horizon is not None else store.horizon
+    held = sorted(s for s in pinned if old <= s < h)
+    if held:
+        h = held[0]
+        store._space_held_by_mark(h)
     keep = {s for s in p.keep if s >= h}
     return Plan(keep, {s for s, _ in points} - keep, h, p.per_tier)
 
@@ -258,7 +297,7 @@ def _reclaim(store: Store, db: MapDB, check: Callable[[], None],
         " FROM versions GROUP BY 1"
     ):
         live[int(seg)] = int(c)
-    mark_seqs = {m.seq for m in db.marks()}
+    mark_seqs = {(m.name, m.seq) for m in db.marks()}  # (name, the point it names) of every mark
     deleted = compacted = 0
     for k, segno in enumerate(segs):
         check()
@@ -284,12 +323,14 @@ def _reclaim(store: Store, db: MapDB, check: Callable[[], None],
     return deleted, compacted
 
 
-def _segment_marks(store: Store, segno: int, mark_seqs: set[int]) -> bool:
-    return any(
-        r.hdr.kind == Kind.MARK and r.hdr.seq in mark_seqs
-        for r in store.journal.scan(segno, 0, check_data=False)
-        if r.segno == segno
-    )
+def _live_mark(rec: Any, mark_seqs: set[tuple[str, int]]) -> bool:
+    """A MARK record of a mark that exists (a MARK `--at` an earlier point names it in `aux`);
+    UNMARK records and marks removed or faded are dead."""
+    return rec.hdr.kind == Kind.MARK and (rec.name, rec.hdr.aux or rec.hdr.seq) in mark_seqs
+
+
+def _segment_marks(store: Store, segno: int, mark_seqs: set[tuple[str, int]]) -> bool:
+    return any(_live_mark(r, mark_seqs) for r in store.journal.scan(segno, 0, check_data=False) if r.segno == segno)
 
 
 def _runs(rows: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
@@ -303,7 +344,7 @@ def _runs(rows: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, in
     return out
 
 
-def compact_segment(store: Store, db: MapDB, segno: int, mark_seqs: set[int]) -> None:
+def compact_segment(store: Store, db: MapDB, segno: int, mark_seqs: set[tuple[str, int]]) -> None:
     """Copy the live records of one segment into a new file, repoint the index, swap the files.
 
     Live: WRITE/BASELINE blocks some version still points at, ZERO records some version still
@@ -340,7 +381,7 @@ def compact_segment(store: Store, db: MapDB, segno: int, mark_seqs: set[int]) ->
         pos = SEGMENT_HEADER_SIZE
         for k, rec in enumerate(recs):
             h = rec.hdr
-            if h.kind == Kind.MARK and h.seq in mark_seqs:
+            if _live_mark(rec, mark_seqs):
                 src.seek(rec.offset)
                 raw = src.read(h.total)
                 out.write(raw)

@@ -57,8 +57,10 @@ def test_serve_shows_uri_and_close_asks(window: Any, app: Any, tmp_path: Path, a
     assert not window.isVisible() and window.views == []
 
 
-def test_verify_finds_damage(window: Any, app: Any, tmp_path: Path) -> None:
+def test_verify_finds_damage(window: Any, app: Any, tmp_path: Path, errors: Any) -> None:
     from rewind.app.dialogs import errors as errdlg
+
+    errors.expect("damage")
 
     store_dir = _small_store(tmp_path)
     segs = sorted((store_dir / "journal").glob("*"))
@@ -168,9 +170,11 @@ def tiny_disk(tmp_path: Path) -> Any:
         yield mnt
 
 
-def test_full_disk_export_says_so(window: Any, app: Any, tmp_path: Path, tiny_disk: Path) -> None:
+def test_full_disk_export_says_so(window: Any, app: Any, tmp_path: Path, tiny_disk: Path, errors: Any) -> None:
     from rewind.app.dialogs import errors as errdlg
     from rewind.engine.store import Store
+
+    errors.expect("Export failed: The disk is full")
 
     with Store.create(tmp_path / "disk.img", tmp_path / "store", size=4 << 20) as s:
         s.live.write(0, bytes(range(256)) * (3 << 12))  # 3 MiB of data: more than the disk holds
@@ -185,7 +189,7 @@ def test_full_disk_export_says_so(window: Any, app: Any, tmp_path: Path, tiny_di
 
 
 @pytest.mark.qt_no_exception_capture
-def test_exception_in_a_slot_shows_a_dialog_and_the_app_lives_on(window: Any, app: Any) -> None:
+def test_exception_in_a_slot_shows_a_dialog_and_the_app_lives_on(window: Any, app: Any, errors: Any) -> None:
     import sys
 
     from PySide6.QtCore import QTimer
@@ -193,6 +197,7 @@ def test_exception_in_a_slot_shows_a_dialog_and_the_app_lives_on(window: Any, ap
     from rewind.app.main import _install_excepthook
     from rewind.engine.errors import CorruptionError
 
+    errors.expect("Something went wrong: The protection's history is damaged")
     old = sys.excepthook
     _install_excepthook(lambda: window)
     try:

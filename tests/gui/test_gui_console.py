@@ -160,9 +160,11 @@ def test_cancel_export_leaves_nothing(window: Any, app: Any, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("damage", ["corrupt-description", "missing-image"])
-def test_broken_store_gives_useful_dialog(window: Any, app: Any, tmp_path: Path, damage: str) -> None:
+def test_broken_store_gives_useful_dialog(window: Any, app: Any, tmp_path: Path, damage: str, errors: Any) -> None:
     from rewind.app.dialogs import errors as errdlg
     from rewind.engine.store import Store
+
+    errors.expect("Cannot open the protection")
 
     store_dir = tmp_path / "store"
     image = tmp_path / "disk.img"

@@ -71,6 +71,13 @@ def make_history(tmp: Path, days: float = 3, every_s: int = 420) -> tuple[Path, 
     return tmp / "store", marks
 
 
+def agree_to_fade(app: Any, view: Any) -> None:
+    """The console says what a fade (or a policy that fades) removes and asks: press its Fade/Apply."""
+    dlg = wait_until(app, lambda: view.fade_dialog, 20, "the fade confirmation")
+    assert dlg.defaultButton() is dlg.cancel_button
+    dlg.fade_button.click()
+
+
 def open_view(window: Any, app: Any, store_dir: Path) -> Any:
     view = window.open_store(str(store_dir))
     wait_until(app, lambda: view.snap is not None or view.error is not None, 30, "the store to open")
@@ -160,6 +167,7 @@ def test_preview_and_fade_now(window: Any, app: Any, tmp_path: Path, small_segme
     journal_before = store.journal.size_bytes()
     wait_until(app, lambda: view.snap.journal_bytes > 0, 10, "the journal size")
     page.fade_button.click()
+    agree_to_fade(app, view)
     dlg = wait_until(app, lambda: view.job_dialog if view.job_dialog and view.job_dialog.finished_state else None,
                      60, "the fade to finish")
     assert dlg.finished_state == "done", dlg.detail.text()
@@ -207,6 +215,7 @@ def test_faded_early_notice(window: Any, app: Any, tmp_path: Path, small_segment
         store.live.write((i % 128) * BS, bytes([i + 7]) * BS)
     store.live.flush()
     view.fade_now()
+    agree_to_fade(app, view)
     wait_until(app, lambda: sum(1 for n in window.notifications if n[0] == "History faded early") > n_before,
                30, "the live faded-early notice")
     last = [n for n in window.notifications if n[0] == "History faded early"][-1]
@@ -285,9 +294,11 @@ def test_attached_console_applies_and_fades_through_serve(window: Any, app: Any,
             assert remote.retention()["policy"] == "1h:all,1d:1h,2d:1d", "serve's policy is untouched"
             page.set_row(1, age="6h")
             page.apply_button.click()
+            agree_to_fade(app, view)
             wait_until(app, lambda: remote.retention()["policy"] == "30m:all,6h:1h,12h:3h", 10, "the policy in serve")
             horizon = view.snap.horizon
             page.fade_button.click()
+            agree_to_fade(app, view)
             dlg = wait_until(app, lambda: view.job_dialog if view.job_dialog and view.job_dialog.finished_state
                              else None, 60, "the remote fade")
             assert dlg.finished_state == "done", dlg.detail.text()
