@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import QSettings, QSize, Qt, QTimer
+from PySide6.QtCore import QSettings, QSignalBlocker, QSize, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -324,8 +324,12 @@ class MainWindow(QMainWindow):
         view.worker.close()
         row = self.views.index(view) + 1
         self.views.remove(view)
-        self.volume_list.takeItem(row)
+        # taking the current row moves the selection while `views` and the list disagree
+        # (currentRowChanged names a row past the end): select once, after both changed
+        with QSignalBlocker(self.volume_list):
+            self.volume_list.takeItem(row)
         self.stack.removeWidget(view)
+        self._on_select(self.volume_list.currentRow())
         view.deleteLater()
         self._update_tray()
         return True
