@@ -136,7 +136,8 @@ class MainWindow(QMainWindow):
         a.setShortcut(QKeySequence.StandardKey.Close)
         m.addSeparator()
         a = m.addAction("&Quit", self.quit)
-        a.setShortcut(QKeySequence.StandardKey.Quit)
+        a.setShortcut(QKeySequence("Ctrl+Q"))  # StandardKey.Quit is empty on some platform themes
+        a.setShortcutContext(Qt.ShortcutContext.ApplicationShortcut)  # also from a job's progress window
         v = self.menuBar().addMenu("&Volume")
         a = v.addAction("&Mark now", lambda: self._current_call("mark_now"))
         a.setShortcut(QKeySequence("Ctrl+M"))

@@ -4,11 +4,14 @@ folder that cannot be made, the dark theme switched live, and quitting while an 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import wait_until
 from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QFileDialog
 
 BS = 4096
 
@@ -23,12 +26,12 @@ def menu_action(window: Any, menu: str, text: str) -> Any:
     raise AssertionError(f"no {menu} > {text} in the menu bar")
 
 
-def small_store(tmp: Path, name: str, writes: int = 4) -> Path:
+def small_store(tmp: Path, name: str, writes: int = 4, size: int = 1 << 20) -> Path:
     from rewind.engine.store import Store
 
     d = tmp / name
     d.mkdir()
-    with Store.create(d / "disk.img", d / "store", size=1 << 20) as s:
+    with Store.create(d / "disk.img", d / "store", size=size) as s:
         for i in range(writes):
             s.live.write(i * BS, bytes([i + 1]) * BS)
     return d / "store"
@@ -66,3 +69,55 @@ def test_close_upper_protection_from_file_menu(window: Any, app: Any, tmp_path: 
     menu_action(window, "File", "Quit").trigger()
     app.processEvents()
     assert window.views == [] and c.worker._closing
+
+
+# -- 10: quitting (and the rest of the window) stays reachable while an export runs -----------------
+
+def test_quit_during_export_asks_and_cancels(window: Any, app: Any, tmp_path: Path, qtbot: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from rewind.app.dialogs import errors as errdlg
+
+    a = open_view(window, app, small_store(tmp_path, "a"))
+    b = open_view(window, app, small_store(tmp_path, "b", writes=64, size=16 << 20))  # 4 export chunks
+    first, proceed = threading.Event(), threading.Event()
+
+    def hold_at_first_event(kind: str, ev: Any) -> None:  # the job thread (direct connection)
+        if not first.is_set():
+            first.set()
+            proceed.wait(20)
+
+    b.worker.jobProgress.connect(hold_at_first_event, Qt.ConnectionType.DirectConnection)
+    asked: list[str] = []
+    replies = [1, 0]  # "Keep running" to Ctrl+Q, then "Stop and quit" to the close button
+
+    def ask(parent: Any, title: str, *args: Any, **kw: Any) -> int:
+        asked.append(title)
+        r = replies.pop(0)
+        if r == 0:
+            proceed.set()
+        return r
+
+    monkeypatch.setattr(errdlg, "ask", ask)
+    out = tmp_path / "exports"
+    out.mkdir()
+    # the name a person would type into the save dialog
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(out / "b.img"), ""))
+    click_row(qtbot, window.volume_list, 2)
+    wait_until(app, lambda: b.preview is not None, 10, "the preview of now")
+    menu_action(window, "Volume", "Export this point...").trigger()
+    wait_until(app, first.is_set, 20, "the export to start")
+    assert b.job_dialog.isVisible()
+    # the rest of the window still answers: another protection can be looked at
+    assert app.activeModalWidget() is None
+    click_row(qtbot, window.volume_list, 1)
+    assert window.stack.currentWidget() is a
+    # Ctrl+Q (from the job's own window, where the focus is) asks; "Keep running" keeps it all
+    qtbot.keyClick(b.job_dialog, Qt.Key.Key_Q, Qt.KeyboardModifier.ControlModifier)
+    assert asked == ["Jobs are running"]
+    assert window.isVisible() and b.worker.busy
+    # the window's close button: "Stop and quit" cancels the export cleanly and quits
+    window.close()
+    assert asked == ["Jobs are running", "Jobs are running"]
+    assert not window.isVisible()
+    assert window.views == [] and not b.worker.busy
+    assert list(out.iterdir()) == [], "the cancelled export left nothing behind"
