@@ -33,7 +33,7 @@ from PySide6.QtWidgets import (
 
 from .assets import app_icon
 from .dialogs import errors as errdlg
-from .dialogs.protect import ProtectDialog
+from .dialogs.protect import ProtectDialog, store_folder_problem
 from .format import human_bytes, human_time
 from .theme import apply_theme
 from .views.welcome import WelcomeView
@@ -274,6 +274,10 @@ class MainWindow(QMainWindow):
         """Start protecting `image` with its history in `store` (the dialog's work, testable)."""
         if not image or not store:
             errdlg.show_error(self, "Cannot protect", "Pick both a disk image and a folder for its history.")
+            return None
+        problem = store_folder_problem(store)
+        if problem:  # e.g. /proc/foo: one plain sentence, no traceback
+            errdlg.show_error(self, "Cannot protect", problem)
             return None
         try:
             Path(store).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import shot, wait_until
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QFileDialog
 
@@ -121,3 +121,49 @@ def test_quit_during_export_asks_and_cancels(window: Any, app: Any, tmp_path: Pa
     assert not window.isVisible()
     assert window.views == [] and not b.worker.busy
     assert list(out.iterdir()) == [], "the cancelled export left nothing behind"
+
+
+# -- 8: a history folder that cannot be made (/proc/foo) --------------------------------------------
+
+def test_protect_into_proc_says_so_in_the_dialog(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QDialogButtonBox
+    from rewind.app.dialogs import errors as errdlg
+    from rewind.app.dialogs.protect import ProtectDialog
+
+    seen: dict[str, Any] = {}
+
+    def fill_in() -> None:  # runs inside the dialog's exec(), as a person would
+        dlg = app.activeModalWidget()
+        assert isinstance(dlg, ProtectDialog)
+        ok = dlg.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.Ok)
+        qtbot.keyClicks(dlg.image, str(tmp_path / "new.img"))
+        dlg.size_box.selectAll()
+        qtbot.keyClicks(dlg.size_box, "4")
+        dlg.store.selectAll()
+        qtbot.keyClicks(dlg.store, "/proc/foo")
+        qtbot.mouseClick(ok, Qt.MouseButton.LeftButton)
+        seen["open_after_bad"] = dlg.isVisible()
+        seen["message"] = dlg.error_label.text() if dlg.error_label.isVisible() else ""
+        shot(dlg, "protect-bad-folder")
+        dlg.store.selectAll()
+        qtbot.keyClicks(dlg.store, str(tmp_path / "history"))
+        qtbot.mouseClick(ok, Qt.MouseButton.LeftButton)
+        seen["open_after_good"] = dlg.isVisible()
+
+    QTimer.singleShot(100, fill_in)
+    menu_action(window, "File", "Protect a disk image...").trigger()
+    assert seen["open_after_bad"], "the dialog stays open to pick another folder"
+    msg = seen["message"]
+    assert "/proc/foo" in msg and "Pick another" in msg and "missing" not in msg, msg
+    assert not Path("/proc/foo").exists()
+    assert not seen["open_after_good"]
+    view = window.views[-1]
+    wait_until(app, lambda: view.snap is not None or view.error is not None, 20, "the protection to start")
+    assert view.error is None and (tmp_path / "history" / "store.json").exists()
+    # the same folder given without the dialog: one plain error, no traceback under Details
+    assert window.protect(str(tmp_path / "other.img"), "/proc/foo", 1 << 20) is None
+    box = errdlg.OPEN_DIALOGS[-1]
+    assert "/proc/foo" in box.text() and "Pick another" in box.text()
+    assert "Traceback" not in (box.detailedText() or "")
+    assert len(window.views) == 1
