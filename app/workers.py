@@ -296,7 +296,9 @@ class VolumeWorker(QObject):
 
     # -- previews -------------------------------------------------------------------------------
     def request_preview(self, target: tuple[str, int]) -> int:
-        """Ask for the preview at ("seq", n), ("time", ns) or ("now", 0); returns its generation."""
+        """Ask for the preview at ("seq", n), ("time", ns) or ("now", 0); returns its generation.
+        A point retention merged away gives the nearest kept one (("next"/"prev", n): the kept
+        one after/before n)."""
         self.preview_gen += 1
         gen = self.preview_gen
 
@@ -308,10 +310,11 @@ class VolumeWorker(QObject):
                 with self._quiet():
                     head = link.head
                     kind, value = target
-                    if kind == "seq":
+                    if kind in ("seq", "next", "prev"):  # next/prev: an arrow key's step
                         seq = max(link.horizon, min(int(value), head))
+                        seq = link.kept_point(seq, {"next": 1, "prev": -1}.get(kind, 0))
                     elif kind == "time":
-                        seq = link.seq_at_time(int(value))
+                        seq = link.kept_point(link.seq_at_time(int(value)), t_ns=int(value))
                     else:
                         seq = head
                     if gen != self.preview_gen:

@@ -5,12 +5,13 @@ folder that cannot be made, the dark theme switched live, and quitting while an 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import shot, wait_until
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QPoint, Qt
 from PySide6.QtWidgets import QFileDialog
 
 BS = 4096
@@ -167,3 +168,65 @@ def test_protect_into_proc_says_so_in_the_dialog(window: Any, app: Any, tmp_path
     assert "/proc/foo" in box.text() and "Pick another" in box.text()
     assert "Traceback" not in (box.detailedText() or "")
     assert len(window.views) == 1
+
+
+# -- 5: a click in a stretch retention thinned ---------------------------------------------------------
+
+def thinned_store(tmp: Path) -> Path:
+    """Two days of writes every 7 minutes, faded by "1h:all,1d:1h,2d:1d": a day kept hourly."""
+    from rewind.engine.store import Store
+
+    t = [time.time_ns() - 2 * 86400 * 10**9]
+    s = Store.create(tmp / "disk.img", tmp / "store", size=1 << 20, clock=lambda: t[0])
+    try:
+        s.set_retention(policy="1h:all,1d:1h,2d:1d")
+        for i in range(2 * 86400 // 420):
+            s.live.write((i % 16) * BS, bytes([i % 251 + 1]) * BS)
+            t[0] += 420 * 10**9
+        s.live.flush()
+        s.fade().run()
+    finally:
+        s.close()
+    return tmp / "store"
+
+
+def test_click_in_thinned_band_snaps_to_kept_point(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
+    from rewind.app.format import human_time
+    from rewind.engine.errors import PointError
+
+    view = open_view(window, app, thinned_store(tmp_path))
+    store = view.worker.link.store
+    tl = view.timeline
+    wait_until(app, lambda: view.preview is not None, 10, "the preview of now")
+
+    def kept(seq: int) -> bool:
+        try:
+            store.resolve(seq)
+            return True
+        except PointError:
+            return False
+
+    # a pixel half a day back whose time falls on a merged-away record
+    x0 = int(tl.x_of(time.time_ns() - 12 * 3600 * 10**9))
+    x = next(x for x in range(x0, x0 + 40) if not kept(view.worker.link.seq_at_time(tl.t_of(x))))
+    qtbot.mouseClick(tl, Qt.MouseButton.LeftButton, pos=QPoint(x, int(tl._track().center().y())))
+    wait_until(app, lambda: view.preview is not None and view.preview.seq < view.preview.head, 10,
+               "the preview of the clicked point")
+    p = view.preview
+    assert kept(p.seq)
+    assert abs(p.time_ns - tl.t_of(x)) <= 3600 * 10**9, "the kept point nearest the click"
+    # heading, body (the pane), timeline and arrow keys all on that point
+    assert "Cannot read" not in view.preview_pane.header.text()
+    assert view.preview_pane.preview.seq == p.seq
+    assert f"record {p.seq:,}" in view.preview_pane.header.text()
+    assert human_time(p.time_ns, with_date=True) in view.point_label.text()
+    assert f"record {p.seq:,}" in view.point_label.text()
+    assert tl.seq == p.seq and not tl.at_now
+    qtbot.keyClick(tl, Qt.Key.Key_Right)
+    wait_until(app, lambda: view.preview.seq != p.seq, 10, "a step right")
+    right = view.preview.seq
+    assert p.seq < right < p.head and kept(right), "on to the next kept point, not from now"
+    assert f"record {right:,}" in view.point_label.text()
+    qtbot.keyClick(tl, Qt.Key.Key_Left)
+    wait_until(app, lambda: view.preview.seq != right, 10, "a step back")
+    assert view.preview.seq == p.seq
