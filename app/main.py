@@ -187,8 +187,7 @@ class MainWindow(QMainWindow):
         app = QApplication.instance()
         if isinstance(app, QApplication):
             apply_theme(app, mode)
-            self.settings.setValue("theme", mode)
-            errdlg.show_info(self, "Theme", "The new colours apply fully to charts opened from now on.")
+            self.settings.setValue("theme", mode)  # the charts and lists follow at once
 
     def about(self) -> None:
         errdlg.show_info(self, "About Rewind",

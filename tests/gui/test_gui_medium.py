@@ -230,3 +230,44 @@ def test_click_in_thinned_band_snaps_to_kept_point(window: Any, app: Any, tmp_pa
     qtbot.keyClick(tl, Qt.Key.Key_Left)
     wait_until(app, lambda: view.preview.seq != right, 10, "a step back")
     assert view.preview.seq == p.seq
+
+
+# -- 9: View > Dark while running, then back to following the desktop -----------------------------------
+
+def test_dark_theme_live_and_follow_desktop(window: Any, app: Any, qtbot: Any) -> None:
+    from PySide6.QtGui import QColor, QPalette
+    from rewind.app import theme
+
+    view = window.open_demo(interval=0.03, seed=3)
+    wait_until(app, lambda: view.snap is not None, 20, "the demo to open")
+    wait_until(app, lambda: view.preview is not None and len(view.preview.files()) >= 4, 30,
+               "a preview with files")
+    menu_action(window, "View", "Light").trigger()
+    app.processEvents()
+    menu_action(window, "View", "Dark").trigger()
+    app.processEvents()
+    wait_until(app, lambda: view.preview_pane.tree.topLevelItemCount() > 0, 10, "the file list")
+    shot(window, "theme-dark-live")
+    dark = theme.DARK
+    assert theme.colors() is dark
+
+    def fg(item: Any) -> QColor:  # what the row is drawn in: its own colour, else the palette's
+        brush = item.foreground(0)
+        return brush.color() if brush.style() != Qt.BrushStyle.NoBrush else \
+            view.preview_pane.tree.palette().color(QPalette.ColorRole.Text)
+
+    items = [view.preview_pane._items[e.path] for e in view.preview.entries if not e.status]
+    assert items, "some unchanged rows"
+    assert all(fg(it).lightness() > 160 for it in items), "unchanged names readable on dark"
+    charts = view.charts
+    assert charts.glw.backgroundBrush().color().name() == QColor(dark.background).name()
+    axis = charts.rate_plot.getAxis("left")
+    assert axis.textPen().color().name() == QColor(dark.text).name()
+    assert charts.rate_curve.opts["pen"].color().name() == QColor(dark.rate).name()
+    # "Follow the desktop": the offscreen desktop says no scheme and has a light palette
+    assert app.styleHints().colorScheme() == Qt.ColorScheme.Unknown
+    menu_action(window, "View", "Follow the desktop").trigger()
+    app.processEvents()
+    assert theme.colors() is theme.LIGHT
+    assert charts.glw.backgroundBrush().color().name() == QColor(theme.LIGHT.background).name()
+    assert all(fg(it).lightness() < 100 for it in items)
