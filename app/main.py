@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import QSettings, QSignalBlocker, QSize, Qt, QTimer
+from PySide6.QtCore import QCoreApplication, QEvent, QSettings, QSignalBlocker, QSize, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -493,7 +493,13 @@ def main(argv: list[str] | None = None) -> int:
             window.open_store(a)
     if os.environ.get("REWIND_STARTUP_TIMING"):
         QTimer.singleShot(0, lambda: print(f"window shown in {time.perf_counter() - t0:.3f} s", flush=True))
-    return int(app.exec())
+    rc = int(app.exec())
+    # tear down while the QApplication still exists, in this order, instead of leaving the window
+    # (held by the excepthook) and the views' pending deleteLater() to the interpreter's exit
+    sys.excepthook = sys.__excepthook__
+    window.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    return rc
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ import contextlib
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QCoreApplication, QObject, QThread, Signal, Slot
 
 from .link import Link, WatchedStore, preview_retention
 from .preview import PreviewBuilder
@@ -98,7 +99,16 @@ class _Lane(QObject):
 
     def stop(self, timeout_ms: int = 30000) -> bool:
         self.qthread.quit()
-        return bool(self.qthread.wait(timeout_ms))
+        if not self.qthread.wait(timeout_ms):
+            _STUCK.append(self)  # a QThread destroyed while it runs aborts the process: keep it
+            return False
+        # requests still queued (quit() leaves them) hold closures over the worker, a cycle through
+        # C++ that Python cannot collect: drop them now, in this thread, not at interpreter exit
+        QCoreApplication.removePostedEvents(self.runner)
+        return True
+
+
+_STUCK: list[_Lane] = []  # lanes whose thread did not stop in time (never destroyed)
 
 
 def describe(e: BaseException) -> str:
@@ -548,4 +558,16 @@ class VolumeWorker(QObject):
             done.wait(0.05)
         self.lane.stop(int(timeout_s * 1000))
         self.closed.emit()
+        self._disconnect_all()
+
+    def _disconnect_all(self) -> None:
+        """Nothing of a closed volume is called again, and the lambdas connected to its signals
+        (which hold its view, which holds this worker: a cycle through C++ that Python cannot
+        collect) go: the worker and its threads' objects are freed now, in the GUI thread, not in
+        whatever order the interpreter's exit picks after the QApplication is gone."""
+        for name, value in vars(VolumeWorker).items():
+            if isinstance(value, Signal):
+                with warnings.catch_warnings(), contextlib.suppress(RuntimeError, TypeError):
+                    warnings.simplefilter("ignore")
+                    getattr(self, name).disconnect()
 

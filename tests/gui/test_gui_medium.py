@@ -4,6 +4,7 @@ folder that cannot be made, the dark theme switched live, and quitting while an 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -271,3 +272,85 @@ def test_dark_theme_live_and_follow_desktop(window: Any, app: Any, qtbot: Any) -
     assert theme.colors() is theme.LIGHT
     assert charts.glw.backgroundBrush().color().name() == QColor(theme.LIGHT.background).name()
     assert all(fg(it).lightness() < 100 for it in items)
+
+
+# -- 7: ownership: a closed protection's worker goes at once; long use then quit does not crash -------
+
+def test_closed_protection_frees_its_worker(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
+    import gc
+    import weakref
+
+    from PySide6.QtCore import QCoreApplication, QEvent
+
+    view = open_view(window, app, small_store(tmp_path, "a"))
+    wait_until(app, lambda v=view: v.preview is not None, 10, "the preview of now")
+    worker = view.worker
+    threads = [worker.lane.qthread, worker.preview_lane.qthread, worker.job_lane.qthread]
+    for _ in range(20):  # requests still queued when it closes
+        qtbot.keyClick(view.timeline, Qt.Key.Key_Left)
+    menu_action(window, "File", "Close this protection").trigger()
+    assert all(t.isFinished() for t in threads)
+    gone_worker, gone_view = weakref.ref(worker), weakref.ref(view)
+    del worker, view, threads
+    for _ in range(3):
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+        app.processEvents()
+        gc.collect()
+    # freed now, in the GUI thread, not left to the interpreter's exit after the QApplication
+    assert gone_view() is None, "the closed view is not kept alive by its worker's connections"
+    assert gone_worker() is None, "the worker (and its QThreads) are freed when the view goes"
+
+
+def test_long_use_then_quit_does_not_crash(tmp_path: Path) -> None:
+    """Views opened and closed, themes switched, exports started and cancelled, File > Quit with an
+    export running: in a process of its own, so a crash fails this test (exit -11) instead of
+    killing pytest."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["QT_QPA_PLATFORM"] = "offscreen"
+    r = subprocess.run([sys.executable, "-X", "faulthandler", str(Path(__file__).with_name("quit_stress.py")),
+                        str(tmp_path), "3"], capture_output=True, text=True, timeout=240, env=env)
+    err = "\n".join(line for line in r.stderr.splitlines()
+                    if "propagateSizeHints" not in line and "does not support raise" not in line)
+    assert r.returncode == 0, f"exit {r.returncode}\n{err[-3000:]}"
+    assert "quit with 0" in r.stdout
+    for bad in ("shared QObject was deleted", "Destroyed while thread", "Traceback", "Fatal Python error"):
+        assert bad not in err, err[-3000:]
+
+
+def test_pyside_keeps_bool_refcounts() -> None:
+    """The installed PySide6 (pinned below 6.12 in pyproject.toml) does not drop references to
+    True/False/None on emit: 6.12.0 on CPython 3.11 aborts this loop with "bool_dealloc". Run
+    without rewind.app, whose import would hide the bug, in a process of its own."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys
+        from PySide6.QtCore import QCoreApplication, QObject, Qt, QThread, Signal, Slot
+        app = QCoreApplication([])
+        class O(QObject):
+            s = Signal(object)
+            b = Signal(bool)
+            @Slot(object)
+            def slot(self, v):
+                return None
+        o, r = O(), O()
+        t = QThread(); r.moveToThread(t); t.start()
+        o.s.connect(r.slot, Qt.ConnectionType.QueuedConnection)
+        o.b.connect(lambda v: None)
+        before = [sys.getrefcount(x) for x in (True, False, None)]
+        for _ in range(20000):
+            o.s.emit(1); o.b.emit(True); o.b.emit(False)
+        t.quit(); t.wait()
+        app.processEvents()
+        after = [sys.getrefcount(x) for x in (True, False, None)]
+        print([a - b for a, b in zip(after, before)])
+    """
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    drift = [int(x) for x in r.stdout.strip().strip("[]").split(",")]
+    assert all(abs(d) < 1000 for d in drift), f"reference drift of True/False/None: {drift}"
