@@ -81,12 +81,14 @@ def test_quit_during_export_asks_and_cancels(window: Any, app: Any, tmp_path: Pa
 
     a = open_view(window, app, small_store(tmp_path, "a"))
     b = open_view(window, app, small_store(tmp_path, "b", writes=64, size=16 << 20))  # 4 export chunks
-    first, proceed = threading.Event(), threading.Event()
+    first, proceed = threading.Event(), threading.Event()  # proceed is never set: only a cancel ends the hold
 
     def hold_at_first_event(kind: str, ev: Any) -> None:  # the job thread (direct connection)
         if not first.is_set():
             first.set()
-            proceed.wait(20)
+            end = time.monotonic() + 20
+            while time.monotonic() < end and not b.worker._cancel_requested:  # until quit cancels it
+                proceed.wait(0.01)
 
     b.worker.jobProgress.connect(hold_at_first_event, Qt.ConnectionType.DirectConnection)
     asked: list[str] = []
@@ -94,10 +96,7 @@ def test_quit_during_export_asks_and_cancels(window: Any, app: Any, tmp_path: Pa
 
     def ask(parent: Any, title: str, *args: Any, **kw: Any) -> int:
         asked.append(title)
-        r = replies.pop(0)
-        if r == 0:
-            proceed.set()
-        return r
+        return replies.pop(0)
 
     monkeypatch.setattr(errdlg, "ask", ask)
     out = tmp_path / "exports"
