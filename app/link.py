@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rewind.engine.errors import BadInput, StoreLocked
+from rewind.engine.errors import BadInput, PointError, StoreLocked
 from rewind.engine.jobs import Job, Progress
 from rewind.engine.retention import Policy, format_duration, plan
 
@@ -175,6 +176,28 @@ class Link:
             else:
                 hi = mid - 1
         return lo
+
+    def kept_point(self, seq: int, direction: int = 0, t_ns: int | None = None) -> int:
+        """`seq` when it can be read; else the point retention kept next to it (a thinned stretch
+        keeps e.g. one point an hour): the next one in `direction` (+1/-1, arrow keys), else the
+        one nearer in time to `t_ns` (a click). The engine names both neighbours in its refusal,
+        for a local store and a served one alike."""
+        try:
+            return int(self.store.resolve(seq))
+        except PointError as e:
+            msg = str(e)
+            near = [int(x) for x in re.findall(r"seq:(\d+)", msg.partition("nearest kept points are")[2])]
+            if "merged away" not in msg or not near:
+                raise
+        before = [s for s in near if s < seq]
+        after = [s for s in near if s > seq]
+        if direction > 0 and after:
+            return after[0]
+        if direction < 0 and before:
+            return before[-1]
+        if t_ns is None or len(near) == 1:
+            return min(near, key=lambda s: abs(s - seq))
+        return min(near, key=lambda s: abs(self.point_time(s) - t_ns))
 
     # -- pass-through ---------------------------------------------------------------------------
     def marks(self) -> list[Any]:

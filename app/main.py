@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import QSettings, QSize, Qt, QTimer
+from PySide6.QtCore import QCoreApplication, QEvent, QSettings, QSignalBlocker, QSize, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -33,7 +33,7 @@ from PySide6.QtWidgets import (
 from .assets import app_icon
 from .dialogs import errors as errdlg
 from .dialogs import files
-from .dialogs.protect import ProtectDialog
+from .dialogs.protect import ProtectDialog, store_folder_problem
 from .format import human_bytes, human_time
 from .theme import apply_theme
 from .views.welcome import WelcomeView
@@ -136,7 +136,8 @@ class MainWindow(QMainWindow):
         a.setShortcut(QKeySequence.StandardKey.Close)
         m.addSeparator()
         a = m.addAction("&Quit", self.quit)
-        a.setShortcut(QKeySequence.StandardKey.Quit)
+        a.setShortcut(QKeySequence("Ctrl+Q"))  # StandardKey.Quit is empty on some platform themes
+        a.setShortcutContext(Qt.ShortcutContext.ApplicationShortcut)  # also from a job's progress window
         v = self.menuBar().addMenu("&Volume")
         a = v.addAction("&Mark now", lambda: self._current_call("mark_now"))
         a.setShortcut(QKeySequence("Ctrl+M"))
@@ -186,8 +187,7 @@ class MainWindow(QMainWindow):
         app = QApplication.instance()
         if isinstance(app, QApplication):
             apply_theme(app, mode)
-            self.settings.setValue("theme", mode)
-            errdlg.show_info(self, "Theme", "The new colours apply fully to charts opened from now on.")
+            self.settings.setValue("theme", mode)  # the charts and lists follow at once
 
     def about(self) -> None:
         errdlg.show_info(self, "About Rewind",
@@ -277,6 +277,10 @@ class MainWindow(QMainWindow):
         if not image or not store:
             errdlg.show_error(self, "Cannot protect", "Pick both a disk image and a folder for its history.")
             return None
+        problem = store_folder_problem(store)
+        if problem:  # e.g. /proc/foo: one plain sentence, no traceback
+            errdlg.show_error(self, "Cannot protect", problem)
+            return None
         try:
             Path(store).parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -327,8 +331,12 @@ class MainWindow(QMainWindow):
         view.worker.close()
         row = self.views.index(view) + 1
         self.views.remove(view)
-        self.volume_list.takeItem(row)
+        # taking the current row moves the selection while `views` and the list disagree
+        # (currentRowChanged names a row past the end): select once, after both changed
+        with QSignalBlocker(self.volume_list):
+            self.volume_list.takeItem(row)
         self.stack.removeWidget(view)
+        self._on_select(self.volume_list.currentRow())
         view.deleteLater()
         self._update_tray()
         return True
@@ -488,7 +496,13 @@ def main(argv: list[str] | None = None) -> int:
             window.open_store(a)
     if os.environ.get("REWIND_STARTUP_TIMING"):
         QTimer.singleShot(0, lambda: print(f"window shown in {time.perf_counter() - t0:.3f} s", flush=True))
-    return int(app.exec())
+    rc = int(app.exec())
+    # tear down while the QApplication still exists, in this order, instead of leaving the window
+    # (held by the excepthook) and the views' pending deleteLater() to the interpreter's exit
+    sys.excepthook = sys.__excepthook__
+    window.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    return rc
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ DARK = Colors(True, "#1e2127", "#262a31", "#e3e6ea", "#9aa3ad", "#5aa0ff", "#5aa
               "#b58cff", "#ffb020", "#ff6b6b", "#5bd27a", "#ffb74d", "#ff6b6b", "#ff6fa0")
 
 _current: Colors = LIGHT
+_system_palette: QPalette | None = None  # the desktop's, kept before ours replaces it
 
 
 def colors() -> Colors:
@@ -57,7 +58,9 @@ def system_prefers_dark(app: QGuiApplication) -> bool:
             return False
     except AttributeError:
         pass
-    return app.palette().color(QPalette.ColorRole.Window).lightness() < 128
+    # not app.palette(): after View > Dark that is our own dark palette, not the desktop's
+    palette = _system_palette if _system_palette is not None else app.palette()
+    return palette.color(QPalette.ColorRole.Window).lightness() < 128
 
 
 def _palette(c: Colors) -> QPalette:
@@ -89,7 +92,9 @@ def _palette(c: Colors) -> QPalette:
 
 def apply_theme(app: QApplication, mode: str = "auto") -> Colors:
     """Set Fusion with our light or dark palette ('auto' follows the desktop) and the style sheet."""
-    global _current
+    global _current, _system_palette
+    if _system_palette is None:
+        _system_palette = QPalette(app.palette())
     dark = system_prefers_dark(app) if mode == "auto" else mode == "dark"
     _current = DARK if dark else LIGHT
     app.setStyle("Fusion")

@@ -14,13 +14,14 @@ import contextlib
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QCoreApplication, QObject, QThread, Signal, Slot
 from rewind.engine.safefile import write_replace
 
 from .link import Link, WatchedStore, preview_retention
@@ -99,7 +100,16 @@ class _Lane(QObject):
 
     def stop(self, timeout_ms: int = 30000) -> bool:
         self.qthread.quit()
-        return bool(self.qthread.wait(timeout_ms))
+        if not self.qthread.wait(timeout_ms):
+            _STUCK.append(self)  # a QThread destroyed while it runs aborts the process: keep it
+            return False
+        # requests still queued (quit() leaves them) hold closures over the worker, a cycle through
+        # C++ that Python cannot collect: drop them now, in this thread, not at interpreter exit
+        QCoreApplication.removePostedEvents(self.runner)
+        return True
+
+
+_STUCK: list[_Lane] = []  # lanes whose thread did not stop in time (never destroyed)
 
 
 def describe(e: BaseException) -> str:
@@ -299,7 +309,9 @@ class VolumeWorker(QObject):
 
     # -- previews -------------------------------------------------------------------------------
     def request_preview(self, target: tuple[str, int]) -> int:
-        """Ask for the preview at ("seq", n), ("time", ns) or ("now", 0); returns its generation."""
+        """Ask for the preview at ("seq", n), ("time", ns) or ("now", 0); returns its generation.
+        A point retention merged away gives the nearest kept one (("next"/"prev", n): the kept
+        one after/before n)."""
         self.preview_gen += 1
         gen = self.preview_gen
 
@@ -311,10 +323,11 @@ class VolumeWorker(QObject):
                 with self._quiet():
                     head = link.head
                     kind, value = target
-                    if kind == "seq":
+                    if kind in ("seq", "next", "prev"):  # next/prev: an arrow key's step
                         seq = max(link.horizon, min(int(value), head))
+                        seq = link.kept_point(seq, {"next": 1, "prev": -1}.get(kind, 0))
                     elif kind == "time":
-                        seq = link.seq_at_time(int(value))
+                        seq = link.kept_point(link.seq_at_time(int(value)), t_ns=int(value))
                     else:
                         seq = head
                     if gen != self.preview_gen:
@@ -579,4 +592,16 @@ class VolumeWorker(QObject):
             done.wait(0.05)
         self.lane.stop(int(timeout_s * 1000))
         self.closed.emit()
+        self._disconnect_all()
+
+    def _disconnect_all(self) -> None:
+        """Nothing of a closed volume is called again, and the lambdas connected to its signals
+        (which hold its view, which holds this worker: a cycle through C++ that Python cannot
+        collect) go: the worker and its threads' objects are freed now, in the GUI thread, not in
+        whatever order the interpreter's exit picks after the QApplication is gone."""
+        for name, value in vars(VolumeWorker).items():
+            if isinstance(value, Signal):
+                with warnings.catch_warnings(), contextlib.suppress(RuntimeError, TypeError):
+                    warnings.simplefilter("ignore")
+                    getattr(self, name).disconnect()
 

@@ -55,6 +55,13 @@ class JobDialog(QDialog):
         lay.addLayout(row)
         self.finished_state = ""
 
+    def open(self) -> None:
+        """Shown without modality: QDialog.open() would block the main window for the whole job,
+        so its close button, Ctrl+Q and the other protections did nothing until the job ended."""
+        self.setWindowModality(Qt.WindowModality.NonModal)
+        self.show()
+        self.raise_()
+
     def _fmt(self, n: float) -> str:
         return human_bytes(n) if self.unit == "bytes" else f"{n:,.0f} {self.unit}"
 

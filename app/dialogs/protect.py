@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..theme import colors
 from . import files
 
 
@@ -33,6 +36,41 @@ def default_store_dir(primary: str) -> Path:
         d = base / f"{stem}-{n}"
         n += 1
     return d
+
+
+def store_folder_problem(folder: str) -> str:
+    """'' when the history can go in `folder`, else one plain sentence saying why not and what to
+    do. Creating the folder is tried for real (then undone): only that tells e.g. /proc apart."""
+    if not folder.strip():
+        return "Pick a folder for the history."
+    d = Path(folder).expanduser().absolute()
+    if d.exists():
+        if not d.is_dir():
+            return f"{d} is a file, not a folder. Pick a folder for the history."
+        if (d / "store.json").exists():
+            return f"{d} already holds a protection. Open it (File > Open a protection), or pick another folder."
+        if any(d.iterdir()):
+            return f"{d} is not empty. Pick a new or empty folder for the history."
+        return "" if os.access(d, os.W_OK | os.X_OK) else f"You cannot write in {d}. Pick another folder."
+    made: list[Path] = []
+    try:
+        for p in reversed([d, *d.parents]):
+            if not p.exists():
+                p.mkdir(mode=0o700)
+                made.append(p)
+    except OSError as e:
+        at = made[-1] if made else next((p for p in d.parents if p.exists()), d.parent)
+        why = {errno.EACCES: f"you cannot write in {at}", errno.EPERM: f"{at} does not allow it",
+               errno.EROFS: f"{at} is read-only", errno.ENOSPC: f"the disk holding {at} is full",
+               errno.ENOENT: f"{at} does not take new folders"}.get(e.errno or 0, e.strerror or str(e))
+        return f"Cannot create a folder at {d}: {why}. Pick another place for the history."
+    finally:
+        for p in reversed(made):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+    return ""
 
 
 class ProtectDialog(QDialog):
@@ -71,8 +109,13 @@ class ProtectDialog(QDialog):
         buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Protect")
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
+        self.error_label = QLabel("")  # why the history folder cannot be used (the dialog stays open)
+        self.error_label.setWordWrap(True)
+        self.error_label.setStyleSheet(f"color: {colors().deleted}; font-weight: 600;")
+        self.error_label.hide()
         lay = QVBoxLayout(self)
         lay.addLayout(form)
+        lay.addWidget(self.error_label)
         lay.addWidget(note)
         lay.addWidget(buttons)
         self.image.textChanged.connect(self._suggest_store)
@@ -94,6 +137,18 @@ class ProtectDialog(QDialog):
     def _suggest_store(self, text: str) -> None:
         if self._auto_store and text:
             self.store.setText(str(default_store_dir(text)))
+
+    def accept(self) -> None:
+        """Refuse a history folder that cannot be made here, while the user can still fix it."""
+        problem = store_folder_problem(self.store.text()) if self.image.text().strip() else \
+            "Pick a disk image (or a device) to protect."
+        if problem:
+            self.error_label.setText(problem)
+            self.error_label.show()
+            (self.store if self.image.text().strip() else self.image).setFocus()
+            return
+        self.error_label.hide()
+        super().accept()
 
     def values(self) -> tuple[str, str, int | None]:
         size = self.size_box.value()

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
@@ -124,6 +124,43 @@ class Charts(QWidget):
         self._follow = True
         self._span: tuple[float, float] | None = None
         self._horizon_t: float | None = None
+        self._colors = c
+
+    def changeEvent(self, event: QEvent) -> None:
+        """View > Light/Dark while running: the charts take the new colours at once."""
+        if event.type() == QEvent.Type.PaletteChange and colors() is not self._colors:
+            self.restyle()
+        super().changeEvent(event)
+
+    def restyle(self) -> None:
+        """Every pen, brush and text of the charts in the palette in use now."""
+        c = self._colors = colors()
+        self.glw.setBackground(c.background)
+        for plot in self._plots():
+            for name in ("left", "right", "bottom"):
+                axis = plot.getAxis(name)
+                axis.setPen(pg.mkPen(c.text))
+                axis.setTextPen(pg.mkPen(c.text))
+        unit = "" if self.chart is None or self.chart.bucket_s == 1 else f" (per {self.chart.bucket_s} s)"
+        self.rate_plot.setTitle(f"Writes{unit}", color=c.muted, size="9pt")
+        self.rate_plot.legend.setBrush(pg.mkBrush(with_alpha(c.background, 0xcc)))
+        self.rate_plot.legend.setLabelTextColor(c.text)
+        for _sample, label in self.rate_plot.legend.items:
+            label.setText(label.text)  # the colour applies when the text is set
+        self.rate_curve.setPen(pg.mkPen(c.rate, width=2))
+        self.rate_curve.setBrush(pg.mkBrush(with_alpha(c.rate, 0x40)))
+        self.ops_curve.setPen(pg.mkPen(c.ops, width=1))
+        self.journal_curve.setPen(pg.mkPen(c.journal, width=2))
+        self.journal_curve.setBrush(pg.mkBrush(with_alpha(c.journal, 0x30)))
+        for lines, color in ((self.horizon_lines, c.horizon), (self.cursor_lines, c.cursor)):
+            for line in lines:
+                pen = pg.mkPen(line.pen)
+                pen.setColor(QColor(color))
+                line.setPen(pen)
+                if getattr(line, "label", None) is not None:
+                    line.label.setColor(color)
+        marks, self._marks = self._marks, []
+        self.set_marks(marks)  # made again in the new colours
 
     def _user_zoomed(self, *args: Any) -> None:
         """The user zoomed or panned: stop following the whole history until a double click."""

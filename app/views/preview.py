@@ -7,7 +7,7 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
-from PySide6.QtCore import QRectF, QSize, Qt, Signal
+from PySide6.QtCore import QEvent, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QColor, QFont, QFontDatabase, QImage, QPainter, QPixmap
 from PySide6.QtWidgets import (
     QHBoxLayout,
@@ -263,9 +263,16 @@ class PreviewPane(QWidget):
         item.setFont(0, font)
         item.setToolTip(0, tip)
         color = {"added": c.added, "changed": c.changed, "deleted": c.deleted}.get(e.status)
-        brush = QColor(color) if color else self.tree.palette().text().color()
-        for col in range(4):
-            item.setForeground(col, brush)
+        for col in range(4):  # unchanged: no colour of its own, so it follows the palette live
+            item.setData(col, Qt.ItemDataRole.ForegroundRole, QColor(color) if color else None)
+
+    def changeEvent(self, event: QEvent) -> None:
+        """View > Light/Dark while running: the status colours of the rows follow."""
+        if event.type() == QEvent.Type.PaletteChange and self.preview is not None:
+            for e in self.preview.entries:
+                if e.path in self._items:
+                    self._style(self._items[e.path], e)
+        super().changeEvent(event)
 
     def _fill_tree(self, entries: list[FileEntry]) -> None:
         keep = self._selected

@@ -246,7 +246,7 @@ class VolumeView(QWidget):
         w.serveChanged.connect(self._on_serve_changed)
         w.writeFailed.connect(self._on_write_failed)
         self.timeline.timeRequested.connect(lambda t: self._want(("time", int(t))))
-        self.timeline.seqRequested.connect(lambda s: self._want(("seq", int(s))))
+        self.timeline.seqRequested.connect(self._on_seq_requested)
         self.timeline.nowRequested.connect(lambda: self._want(("now", 0)))
         self.charts.markClicked.connect(lambda s: self.go_to_seq(int(s)))
         self.preview_pane.fileRequested.connect(lambda seq, path: w.read_file("show", seq, path, 1 << 20))
@@ -545,6 +545,12 @@ class VolumeView(QWidget):
             return
         self.worker.request_preview(target)
         self._last_preview_at = time.monotonic()
+
+    def _on_seq_requested(self, seq: Any) -> None:
+        """A step from the point shown: in a stretch retention thinned, on to the next kept point."""
+        shown = self.preview.seq if self.preview is not None else None
+        kind = "seq" if shown is None or seq == shown else ("next" if seq > shown else "prev")
+        self._want((kind, int(seq)))
 
     def go_to_seq(self, seq: int) -> None:
         """Move the timeline to a record (used by tests and the mark list)."""
