@@ -388,6 +388,15 @@ class Store:
         top = db.one("SELECT max(block) FROM versions")
         if top is not None and int(top) >= self.nblocks:
             bad.append(f"field 'size' is {self.size} but maps.db indexes block {top} (byte {int(top) * self.block_size})")
+        if checksum == "bad" and not any("'size'" in b for b in bad):  # store.json changed: which field?
+            try:
+                prim = Primary(self.primary_path, readonly=True)
+                psize = prim.size
+                prim.close()
+            except (BadInput, OSError):
+                psize = self.size  # missing or unreadable: reported when it is opened below
+            if psize != self.size:
+                bad.append(f"field 'size' is {self.size} but the primary {self.primary_path} is {psize} bytes")
         indexed = db.get_meta("indexed_seq")
         if indexed is not None and self.horizon > int(indexed):
             bad.append(f"field 'horizon_seq' is {self.horizon}, past the newest indexed record (seq {indexed})")
@@ -396,8 +405,8 @@ class Store:
                 bad.append("its checksum does not match either")
             raise CorruptionError(
                 f"{path}: {'; '.join(dict.fromkeys(bad))}: store.json was changed outside Rewind or is damaged;"
-                " nothing is served until it is put right (restore it from a backup, or put back the value the"
-                " journal and maps.db agree on)",
+                " nothing is served until it is put right (restore it from a backup, or put back the value"
+                " named above)",
                 str(path),
             )
         if checksum == "bad":
