@@ -515,8 +515,11 @@ def _verify_repair(args: argparse.Namespace) -> int:
         why = "it is damaged"
     except MAPS_DAMAGE:  # found while reading it, after open
         why = "it is damaged"
-    aside = Store.set_aside_index(d)
+    aside, redo_known = Store.set_aside_index(d)
     _err(f"note: {index}: {why}; moved it aside to {aside.name}; rebuilding it from the journal")
+    if not redo_known:
+        _err("warning: the damaged index did not say where the last checkpoint was: if the store was not"
+             " stopped cleanly, writes since then may be missing from the primary file (the journal has them)")
     with open_store(args.dir, allow_remote=False) as store:
         problems = _run(store.verify(), "verify") or []
     return _verify_report(args, problems)

@@ -193,9 +193,10 @@ class Store:
         return cls(d, clock)
 
     @classmethod
-    def set_aside_index(cls, store_dir: str | Path) -> Path:
+    def set_aside_index(cls, store_dir: str | Path) -> tuple[Path, bool]:
         """`verify --repair`: move maps.db (and its WAL) aside, never deleting it, so the next open
-        rebuilds the index from the journal. Done under the store's lock: not while it is served."""
+        rebuilds the index from the journal. Done under the store's lock: not while it is served.
+        Returns where it went, and whether the redo start could be read from it (see _salvage_meta)."""
         d = Path(store_dir).absolute()
         if not (d / "store.json").is_file():
             raise BadInput(f"{d} is not a Rewind store (no store.json): check the path")
@@ -214,12 +215,21 @@ class Store:
                 src = d / f"maps.db{x}"
                 if src.exists():
                     os.rename(src, aside.with_name(aside.name + x))
+            saved = _salvage_meta(aside)
+            if saved:  # the new index starts with them: the redo start, and segment numbers used
+                db = MapDB(d / "maps.db")
+                try:
+                    with db.write():
+                        for k, v in saved.items():
+                            db.set_meta(k, v)
+                finally:
+                    db.close()
             dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-            return aside
+            return aside, "redo_segno" in saved
         finally:
             os.close(fd)
 
@@ -482,16 +492,19 @@ class Store:
         redo = 0
         torn: list[tuple[int, int]] = []
         rebuild = db.get_meta("indexed_seq") is None
+        # a rebuild starts from a whole primary, unless `verify --repair` saved where the damaged
+        # index's redo started: then the records from there on are redone, as on any open
+        redo_from = self._redo_pos if not rebuild or self._redo_pos is not None else (1 << 62, 0)
         first_new = self._head + 1 if not rebuild else 0
         try:
             for rec in self.journal.scan(segno, off):
                 h = rec.hdr
                 # redo: every write from the redo start on goes on the primary again (a rebuild
                 # starts from a primary that is whole)
-                if h.kind == K_WRITE and not rebuild:
+                if h.kind == K_WRITE and (not rebuild or (rec.segno, rec.offset) >= redo_from):
                     self._primary.pwrite(h.block * bs, self.journal.pread(make_loc(rec.segno, rec.data_off), h.count * bs))
                     redo += 1
-                elif h.kind == K_ZERO and not rebuild:
+                elif h.kind == K_ZERO and (not rebuild or (rec.segno, rec.offset) >= redo_from):
                     self._primary.zero(h.block * bs, h.count * bs)
                     redo += 1
                 if h.seq < first_new:
@@ -1546,6 +1559,29 @@ def _maps_damage(d: Path) -> Iterator[None]:
         yield
     except MAPS_DAMAGE as e:
         raise maps_damage_error(d, e) from e
+
+
+def _salvage_meta(path: Path) -> dict[str, int]:
+    """What a rebuild cannot learn from the journal, if the damaged index still tells it: where
+    recovery's redo starts (after an unclean stop, writes from there on may be missing from the
+    primary) and the highest segment number used. Read only; {} when unreadable."""
+    keys = ("redo_segno", "redo_off", "segno_hwm", "indexed_segno")
+    try:
+        conn = apsw.Connection(f"file:{path}?mode=ro", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        try:
+            rows = conn.execute(
+                f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(keys))})", keys
+            ).fetchall()
+        finally:
+            conn.close()
+    except apsw.Error:
+        return {}
+    got = {str(k): v for k, v in rows if isinstance(v, int) and v >= 0}
+    out = {k: got[k] for k in ("redo_segno", "redo_off") if "redo_segno" in got and "redo_off" in got}
+    hwm = max(got.get("segno_hwm", 0), got.get("indexed_segno", 0))
+    if hwm:
+        out["segno_hwm"] = hwm
+    return out
 
 
 def _open_maps(d: Path) -> MapDB:
