@@ -494,7 +494,7 @@ class Store:
         rebuild = db.get_meta("indexed_seq") is None
         # a rebuild starts from a whole primary, unless `verify --repair` saved where the damaged
         # index's redo started: then the records from there on are redone, as on any open
-        redo_from = self._redo_pos if not rebuild or self._redo_pos is not None else (1 << 62, 0)
+        redo_from = self._redo_pos if rebuild and self._redo_pos is not None else (1 << 62, 0)
         first_new = self._head + 1 if not rebuild else 0
         try:
             for rec in self.journal.scan(segno, off):
