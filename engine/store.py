@@ -645,8 +645,10 @@ class Store:
             "map_first_seq": self._map_first[0],
             "map_first_time": self._map_first[1],
         }
-        if self.journal.segno > self._segno_hwm:
-            self._segno_hwm = meta["segno_hwm"] = self.journal.segno  # segment numbers are never reused
+        if gen.last_seq and gen.end_pos[0] > self._segno_hwm:
+            # the newest segment the index points into (synced: a newer one may not be durable yet);
+            # segment numbers up to it are never used again
+            self._segno_hwm = meta["segno_hwm"] = gen.end_pos[0]
         if gen.last_seq:
             meta["indexed_seq"] = gen.last_seq
             meta["indexed_time"] = self._last_time
