@@ -382,6 +382,11 @@ def format_log(info: dict[str, Any]) -> list[str]:
     if isinstance(recovery, list):
         for note in recovery:
             lines.append(f"{'recovered:':<15}{note}")
+    damage = info.get("damage")
+    shown.add("damage")
+    if isinstance(damage, list):
+        for note in damage:
+            lines.append(f"{'DAMAGED:':<15}{note}")
     marks = info.get("marks")
     maps = info.get("maps")
     shown.update({"marks", "maps"})

@@ -1334,6 +1334,7 @@ class Store:
                 "marks": [m.__dict__ for m in db.marks()],
                 "maps": [m.__dict__ for m in db.maps()],
                 "recovery": list(self.recovery),
+                "damage": list(self.damage),
                 "retention": self.retention(),
                 "watch": self._watch_info(),
             }

@@ -194,6 +194,8 @@ def test_deleted_newest_segment_is_reported_and_never_reused(tmp_path: Path) -> 
     assert lost.name in r.stdout and "missing" in r.stdout, r.stdout
     assert f"warning: journal segment {lost}" in r.stderr, r.stderr
 
+    r = run(tmp_path, "log", "s", "--json")
+    assert r.returncode == 0 and lost.name in " ".join(json.loads(r.stdout)["damage"]), r.stdout
     r = run(tmp_path, "export", "s", "--at", "mark:a", "a.img")
     assert r.returncode == 0, r.stderr
     assert lost.name in r.stderr  # the warning on open
