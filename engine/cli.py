@@ -203,6 +203,8 @@ def build_parser() -> ArgumentParser:
 
     c = sub.add_parser("verify", help="check every checksum and every map against the journal")
     c.add_argument("dir", metavar="DIR")
+    c.add_argument("--repair", action="store_true",
+                   help="rebuild a damaged maps.db from the journal (the damaged file is kept aside)")
     c.set_defaults(func=cmd_verify)
 
     c = sub.add_parser("retention", help="show or set the retention policy")
@@ -284,9 +286,12 @@ def open_store(path: str, allow_remote: bool = True) -> Iterator[Any]:
 
 
 def _report_recovery(store: Any) -> None:
-    """Say what opening the store repaired (a torn journal tail cut, writes re-applied)."""
+    """Say what opening the store repaired (a torn journal tail cut, writes re-applied), and what
+    it found damaged and could not repair (a missing journal segment)."""
     for note in getattr(store, "recovery", None) or []:
         _err(f"note: {note}")
+    for note in getattr(store, "damage", None) or []:
+        _err(f"warning: {note}")
 
 
 def _fmt_time(ns: Any) -> str:
@@ -407,6 +412,11 @@ def format_log(info: dict[str, Any]) -> list[str]:
     if isinstance(recovery, list):
         for note in recovery:
             lines.append(f"{'recovered:':<15}{note}")
+    damage = info.get("damage")
+    shown.add("damage")
+    if isinstance(damage, list):
+        for note in damage:
+            lines.append(f"{'DAMAGED:':<15}{note}")
     marks = info.get("marks")
     maps = info.get("maps")
     shown.update({"marks", "maps"})
@@ -512,10 +522,46 @@ def cmd_rewind(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.repair:
+        return _verify_repair(args)
     with open_store(args.dir) as store:
         job = store.verify()
         problems = _run(job, "verify")
-    problems = problems or []
+    return _verify_report(args, problems or [])
+
+
+def _verify_repair(args: argparse.Namespace) -> int:
+    """verify --repair: maps.db is an index of the journal; when it cannot be opened or disagrees
+    with the journal, it is set aside (kept) and rebuilt from the journal. Damage in the journal
+    itself cannot be repaired and is reported as verify reports it."""
+    from .errors import CorruptionError
+    from .store import MAPS_DAMAGE, Store
+
+    d = _store_dir(args.dir)
+    index = str((d / "maps.db").absolute())
+    try:
+        with open_store(args.dir, allow_remote=False) as store:
+            problems = _run(store.verify(), "verify") or []
+        if not any(p.startswith(("maps.db:", index)) for p in problems):
+            return _verify_report(args, problems)  # nothing an index rebuild would mend
+        why = "it disagrees with the journal"
+    except CorruptionError as e:
+        if getattr(e, "path", "") != index:
+            raise
+        why = "it is damaged"
+    except MAPS_DAMAGE:  # found while reading it, after open
+        why = "it is damaged"
+    aside, redo_known = Store.set_aside_index(d)
+    _err(f"note: {index}: {why}; moved it aside to {aside.name}; rebuilding it from the journal")
+    if not redo_known:
+        _err("warning: the damaged index did not say where the last checkpoint was: if the store was not"
+             " stopped cleanly, writes since then may be missing from the primary file (the journal has them)")
+    with open_store(args.dir, allow_remote=False) as store:
+        problems = _run(store.verify(), "verify") or []
+    return _verify_report(args, problems)
+
+
+def _verify_report(args: argparse.Namespace, problems: list[Any]) -> int:
     for p in problems:
         _out(f"{_describe_problem(p)}")
     if problems:
@@ -745,6 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one `rewind` command; returns the exit status (never raises, never prints a traceback)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get("REWIND_DEBUG"))
+    args: argparse.Namespace | None = None
     try:
         if not args_list:
             return _console()
@@ -781,8 +828,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             traceback.print_exc()
+        damaged = _index_damage(e, args)
+        if damaged is not None:  # found after open, while reading maps.db
+            _err(_message(damaged))
+            return 1
         _err(f"internal error: {type(e).__name__}: {e} (run with REWIND_DEBUG=1 for details and report it)")
         return 1
+
+
+def _index_damage(e: Exception, args: argparse.Namespace | None) -> RewindError | None:
+    """An SQLite error that means maps.db is damaged, as the error open gives for it."""
+    d = getattr(args, "dir", None)
+    if d is None or type(e).__module__ != "apsw":
+        return None
+    from .store import MAPS_DAMAGE, maps_damage_error
+
+    return maps_damage_error(Path(d).absolute(), e) if isinstance(e, MAPS_DAMAGE) else None
 
 
 def _message(e: RewindError) -> str:

@@ -36,6 +36,7 @@ from .journal.record import (
     MAX_RECORD_BYTES,
     Kind,
     block_crcs,
+    crc32c,
     encode_header,
     encode_one_block,
     pack_table,
@@ -229,15 +230,58 @@ class Store:
             raise BadInput(f"{d} is not a Rewind store (no store.json): check the path or run `rewind protect`")
         return cls(d, clock)
 
+    @classmethod
+    def set_aside_index(cls, store_dir: str | Path) -> tuple[Path, bool]:
+        """`verify --repair`: move maps.db (and its WAL) aside, never deleting it, so the next open
+        rebuilds the index from the journal. Done under the store's lock: not while it is served.
+        Returns where it went, and whether the redo start could be read from it (see _salvage_meta)."""
+        d = Path(store_dir).absolute()
+        if not (d / "store.json").is_file():
+            raise BadInput(f"{d} is not a Rewind store (no store.json): check the path")
+        fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreLocked(f"store {d} is in use (rewind serve?): stop it, then run the repair again") from None
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            aside, n = d / f"maps.db.damaged-{stamp}", 0
+            while aside.exists():
+                n += 1
+                aside = d / f"maps.db.damaged-{stamp}.{n}"
+            for x in ("", "-wal", "-shm"):
+                src = d / f"maps.db{x}"
+                if src.exists():
+                    os.rename(src, aside.with_name(aside.name + x))
+            saved = _salvage_meta(aside)
+            if saved:  # the new index starts with them: the redo start, and segment numbers used
+                db = MapDB(d / "maps.db")
+                try:
+                    with db.write():
+                        for k, v in saved.items():
+                            db.set_meta(k, v)
+                finally:
+                    db.close()
+            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            return aside, "redo_segno" in saved
+        finally:
+            os.close(fd)
+
     def __init__(self, d: Path, clock: Callable[[], int] | None) -> None:
         self.dir = d
-        self.meta = _read_json(d / "store.json")
+        self.meta, meta_checksum = _read_json(d / "store.json")
         self.clock: Callable[[], int] = clock or time.time_ns
         self.primary_path: str = self.meta["primary"]
         self.size: int = self.meta["size"]
         self.block_size: int = self.meta["block_size"]
         self.nblocks = self.size // self.block_size
         self.recovery: list[str] = []
+        self.damage: list[str] = []  # found on open and not repairable here (a missing segment)
+        self.missing_segments: list[int] = []  # segments the index knew that are gone (verify reports them)
         self._listeners: list[Listener] = []
         self._lock = threading.RLock()
         self._commit_lock = threading.RLock()  # one SQLite writer at a time; before _lock if both
@@ -259,17 +303,29 @@ class Store:
         os.pwrite(self._lockfd, str(os.getpid()).encode(), 0)
         self.recovery += tighten(d)  # a store made by an older version, or chmod-ed since: private again
         try:
+            self._db, self._wdb = _open_maps(d), _open_maps(d)
+            self._wdb.lock = self._commit_lock
+            with _maps_damage(d):
+                # the newest segment the index may point into: segment numbers are never reused
+                marks = [self._wdb.get_meta(k) for k in ("segno_hwm", "indexed_segno", "redo_segno")]
+                self._segno_hwm = max([int(x) for x in marks if x is not None] or [0])
+            self.journal = Journal(d / "journal", self.block_size, first_segno=self._segno_hwm + 1)
+            with _maps_damage(d):
+                self._check_description(meta_checksum)
             self._primary = Primary(self.primary_path)
             if self._primary.size != self.size:
+                if meta_checksum == "ok":
+                    raise CorruptionError(
+                        f"primary {self.primary_path} is {self._primary.size} bytes but store.json (checked) says"
+                        f" {self.size}: it was resized outside Rewind; restore its size",
+                        self.primary_path,
+                    )
                 raise CorruptionError(
-                    f"primary {self.primary_path} is {self._primary.size} bytes but was {self.size}: "
-                    "it was resized outside Rewind; restore its size",
-                    self.primary_path,
+                    f"primary {self.primary_path} is {self._primary.size} bytes but store.json (with no checksum"
+                    f" to confirm it) says {self.size}: either store.json was edited or the primary was resized;"
+                    " compare with the size the volume should have before changing either",
+                    str(d / "store.json"),
                 )
-            self.journal = Journal(d / "journal", self.block_size)
-            self._db = MapDB(d / "maps.db")
-            self._wdb = MapDB(d / "maps.db")
-            self._wdb.lock = self._commit_lock
             self._gen = _Gen()
             self._frozen: list[_Gen] = []
             self._indexed_pos = (0, 0)  # journal position the index covers (set by _recover)
@@ -277,12 +333,19 @@ class Store:
             self._checkpoint_t = time.monotonic()
             self._checkpoint_bytes = self.journal.total_bytes
             self._vcache: dict[tuple[int, int], Version] = {}  # see view.version_at
-            note = finish_compaction(self.journal.path, self._wdb)
-            if note:
-                self.recovery.append(note)
-            self._recover()
-            self._own_marks()
-            self._build_state()
+            with _maps_damage(d):
+                note = finish_compaction(self.journal.path, self._wdb)
+                if note:
+                    self.recovery.append(note)
+                self._check_segments()
+                self._recover()
+                self._own_marks()
+                if self._cut_segment or self.journal.segno < self._segno_hwm:
+                    self.journal.new_segment(max(self.journal.segno, self._segno_hwm) + 1)
+                self._build_state()
+                if meta_checksum == "missing":  # checked against the journal and maps.db above: seal it
+                    self.save_meta()
+                    self.recovery.append("store.json had no checksum: checked it against the journal and sealed it")
         except BaseException:
             self._release()
             raise
@@ -355,6 +418,105 @@ class Store:
             os.close(self._lockfd)
             self._lockfd = -1
 
+    # checks on open ----------------------------------------------------------------------
+    def _check_description(self, checksum: str) -> None:
+        """store.json is trusted only once it agrees with the journal and maps.db (invariant 6):
+        a wrong block size or size there would make every past read return wrong bytes, with no
+        checksum failing. A disagreement names store.json and the field, and nothing is served."""
+        path = self.dir / "store.json"
+        db = self._wdb
+        for table in ("meta", "marks", "maps"):  # small: a damaged one must not pass for an empty one
+            got = [str(r[0]) for r in db.db.execute(f"PRAGMA quick_check({table})").fetchall()]
+            if got != ["ok"]:
+                raise apsw.CorruptError(f"table {table}: {' '.join(got[0].split())[:200]}")
+        bad: list[str] = []
+        try:
+            known = json.loads(db.get_meta("store") or "{}")
+        except ValueError:
+            known = {}
+        for k in ("uuid", "size", "block_size"):
+            if k in known and self.meta.get(k) != known[k]:
+                bad.append(f"field {k!r} is {self.meta.get(k)!r} but maps.db recorded {known[k]!r}")
+        seen = self.journal.written_block_size()
+        if seen is not None and seen[0] != self.block_size:
+            bad.append(
+                f"field 'block_size' is {self.block_size} but the journal was written with {seen[0]}-byte blocks"
+                f" ({seen[1].name} offset {seen[2]})"
+            )
+        top = db.one("SELECT max(block) FROM versions")
+        if top is not None and int(top) >= self.nblocks:
+            bad.append(f"field 'size' is {self.size} but maps.db indexes block {top} (byte {int(top) * self.block_size})")
+        if checksum == "bad" and not any("'size'" in b for b in bad):  # store.json changed: which field?
+            try:
+                prim = Primary(self.primary_path, readonly=True)
+                psize = prim.size
+                prim.close()
+            except (BadInput, OSError):
+                psize = self.size  # missing or unreadable: reported when it is opened below
+            if psize != self.size:
+                bad.append(f"field 'size' is {self.size} but the primary {self.primary_path} is {psize} bytes")
+        indexed = db.get_meta("indexed_seq")
+        if indexed is not None and self.horizon > int(indexed):
+            bad.append(f"field 'horizon_seq' is {self.horizon}, past the newest indexed record (seq {indexed})")
+        if bad:
+            if checksum == "bad":
+                bad.append("its checksum does not match either")
+            raise CorruptionError(
+                f"{path}: {'; '.join(dict.fromkeys(bad))}: store.json was changed outside Rewind or is damaged;"
+                " nothing is served until it is put right (restore it from a backup, or put back the value"
+                " named above)",
+                str(path),
+            )
+        if checksum == "bad":
+            raise CorruptionError(
+                f"{path}: checksum mismatch: store.json was changed outside Rewind or is damaged (its fields"
+                " agree with the journal and maps.db as far as they can be checked); if you edited it on purpose,"
+                ' delete its "checksum" line and open it again to have it checked and sealed',
+                str(path),
+            )
+        want = {"uuid": self.meta.get("uuid"), "size": self.size, "block_size": self.block_size}
+        if known != want:
+            with db.write():
+                db.set_meta("store", json.dumps(want))
+
+    def _check_segments(self) -> None:
+        """The index may point into segments up to the high-water mark: if the newest of them is
+        gone (deleted, or a truncated copy), say so and which points suffer; new records go to a
+        fresh segment number, never to a reused one (whose offsets the index would misread)."""
+        db = self._wdb
+        have = [s for s in self.journal.segment_numbers() if s <= self._segno_hwm]
+        newest = have[-1] if have else 0
+        for s in range(newest + 1, self._segno_hwm + 1):
+            self._report_missing(s)
+        isegno, ioff = db.get_meta("indexed_segno"), db.get_meta("indexed_off")
+        self._cut_segment = False
+        if isegno is not None and int(isegno) in have:
+            size = self.journal.seg_path(int(isegno)).stat().st_size
+            if size < int(ioff):
+                self._cut_segment = True  # new records must not land where the index expects old ones
+                self.damage.append(
+                    f"{self.journal.seg_path(int(isegno))} is {size} bytes but the index covers it up to offset"
+                    f" {ioff}: indexed records were cut off; points that need them cannot be read"
+                    f" (`rewind verify {self.dir}` lists them)"
+                )
+
+    def _report_missing(self, segno: int) -> None:
+        lo, hi = make_loc(segno, 0), make_loc(segno + 1, 0)
+        n, s0, s1 = self._wdb.db.execute(
+            "SELECT count(*), min(seq), max(seq) FROM versions WHERE (loc >= ? AND loc < ?) OR (loc <= ? AND loc > ?)",
+            (lo, hi, -1 - lo, -1 - hi),
+        ).fetchall()[0]
+        self.missing_segments.append(segno)
+        held = (
+            f"maps.db has {n} block versions in it (seq {s0} to {s1}); points that need them cannot be read"
+            if n
+            else "its records are lost, though maps.db has no block versions in it (no past read needs it)"
+        )
+        self.damage.append(
+            f"journal segment {self.journal.seg_path(segno)} is missing: {held} (`rewind verify {self.dir}`"
+            " lists the problems); new records go to later segments"
+        )
+
     # recovery ----------------------------------------------------------------------------
     def _recover(self) -> None:
         """Index what the journal holds past the index, cut a torn tail, redo it on the primary."""
@@ -378,16 +540,19 @@ class Store:
         redo = 0
         torn: list[tuple[int, int]] = []
         rebuild = db.get_meta("indexed_seq") is None
+        # a rebuild starts from a whole primary, unless `verify --repair` saved where the damaged
+        # index's redo started: then the records from there on are redone, as on any open
+        redo_from = self._redo_pos if rebuild and self._redo_pos is not None else (1 << 62, 0)
         first_new = self._head + 1 if not rebuild else 0
         try:
             for rec in self.journal.scan(segno, off):
                 h = rec.hdr
                 # redo: every write from the redo start on goes on the primary again (a rebuild
                 # starts from a primary that is whole)
-                if h.kind == K_WRITE and not rebuild:
+                if h.kind == K_WRITE and (not rebuild or (rec.segno, rec.offset) >= redo_from):
                     self._primary.pwrite(h.block * bs, self.journal.pread(make_loc(rec.segno, rec.data_off), h.count * bs))
                     redo += 1
-                elif h.kind == K_ZERO and not rebuild:
+                elif h.kind == K_ZERO and (not rebuild or (rec.segno, rec.offset) >= redo_from):
                     self._primary.zero(h.block * bs, h.count * bs)
                     redo += 1
                 if h.seq < first_new:
@@ -547,6 +712,10 @@ class Store:
             "map_first_seq": self._map_first[0],
             "map_first_time": self._map_first[1],
         }
+        if gen.last_seq and gen.end_pos[0] > self._segno_hwm:
+            # the newest segment the index points into (synced: a newer one may not be durable yet);
+            # segment numbers up to it are never used again
+            self._segno_hwm = meta["segno_hwm"] = gen.end_pos[0]
         if gen.last_seq:
             meta["indexed_seq"] = gen.last_seq
             meta["indexed_time"] = self._last_time
@@ -1341,6 +1510,7 @@ class Store:
                           for m in db.marks()],
                 "maps": [m.__dict__ for m in db.maps()],
                 "recovery": list(self.recovery),
+                "damage": list(self.damage),
                 "retention": self.retention(),
                 "watch": self._watch_info(),
             }
@@ -1633,20 +1803,84 @@ class _Batch:
         self.recs.append((kind, seq, t, block, count, rel, crcs, aux))
 
 
+MAPS_DAMAGE = (apsw.NotADBError, apsw.CorruptError, apsw.FormatError, apsw.SQLError, apsw.MismatchError)
+
+
+def maps_damage_error(d: Path, e: BaseException) -> CorruptionError:
+    """A damaged maps.db, named, with the way out: it is an index, rebuilt from the journal."""
+    return CorruptionError(
+        f"{d / 'maps.db'} is damaged ({type(e).__name__}: {e}): it is an index that can be rebuilt from the"
+        f" journal: run `rewind verify {d} --repair` (the damaged file is kept aside as maps.db.damaged-TIME;"
+        " marks come back from the journal, pins and retention from store.json; the per-second charts keep"
+        " only the history the journal still holds)",
+        str(d / "maps.db"),
+    )
+
+
+@contextlib.contextmanager
+def _maps_damage(d: Path) -> Iterator[None]:
+    try:
+        yield
+    except MAPS_DAMAGE as e:
+        raise maps_damage_error(d, e) from e
+
+
+def _salvage_meta(path: Path) -> dict[str, int]:
+    """What a rebuild cannot learn from the journal, if the damaged index still tells it: where
+    recovery's redo starts (after an unclean stop, writes from there on may be missing from the
+    primary) and the highest segment number used. Read only; {} when unreadable."""
+    keys = ("redo_segno", "redo_off", "segno_hwm", "indexed_segno")
+    try:
+        conn = apsw.Connection(f"file:{path}?mode=ro", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        try:
+            rows = conn.execute(
+                f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(keys))})", keys
+            ).fetchall()
+        finally:
+            conn.close()
+    except apsw.Error:
+        return {}
+    got = {str(k): v for k, v in rows if isinstance(v, int) and v >= 0}
+    out = {k: got[k] for k in ("redo_segno", "redo_off") if "redo_segno" in got and "redo_off" in got}
+    hwm = max(got.get("segno_hwm", 0), got.get("indexed_segno", 0))
+    if hwm:
+        out["segno_hwm"] = hwm
+    return out
+
+
+def _open_maps(d: Path) -> MapDB:
+    with _maps_damage(d):
+        return MapDB(d / "maps.db")
+
+
+def _json_crc(obj: dict[str, Any]) -> str:
+    """The checksum store.json carries: crc32c of its other fields in a canonical form."""
+    body = json.dumps({k: v for k, v in obj.items() if k != "checksum"}, sort_keys=True, separators=(",", ":"))
+    return f"crc32c:{crc32c(body.encode()):08x}"
+
+
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Write store.json atomically, sealed with a checksum (see _read_json)."""
     tmp = path.with_suffix(".tmp")
+    sealed = {k: v for k, v in obj.items() if k != "checksum"}
+    sealed["checksum"] = _json_crc(sealed)
     with open(open_private(tmp), "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(sealed, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> tuple[dict[str, Any], str]:
+    """store.json and the state of its checksum: "ok", "missing" (written by an older Rewind, or
+    removed by hand to accept an edit: the fields are checked against the journal and maps.db
+    before it is sealed again) or "bad" (changed outside Rewind, or damaged)."""
     try:
         obj = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CorruptionError(f"{path} is unreadable ({e}): the store's description is damaged", str(path)) from e
+    if not isinstance(obj, dict):
+        raise CorruptionError(f"{path} is not a JSON object: the store's description is damaged", str(path))
     need = {"format": int, "primary": str, "size": int, "block_size": int, "horizon_seq": int, "horizon_ns": int}
     for k, typ in need.items():
         if not isinstance(obj.get(k), typ):
@@ -1654,6 +1888,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     if obj["format"] != FORMAT:
         raise BadInput(f"{path} is format {obj['format']}; this Rewind reads format {FORMAT}")
     bs = obj["block_size"]
-    if bs < 512 or bs & (bs - 1) or obj["size"] <= 0 or obj["size"] % bs:
-        raise CorruptionError(f"{path}: size/block size are inconsistent", str(path))
-    return dict(obj)
+    if bs < 512 or bs > (1 << 20) or bs & (bs - 1):
+        raise CorruptionError(f"{path}: field 'block_size' ({bs}) is not a power of two from 512 to 1M", str(path))
+    if obj["size"] <= 0 or obj["size"] % bs:
+        raise CorruptionError(f"{path}: field 'size' ({obj['size']}) is not a multiple of 'block_size' ({bs})", str(path))
+    stored = obj.pop("checksum", None)
+    state = "missing" if stored is None else ("ok" if stored == _json_crc(obj) else "bad")
+    return dict(obj), state

@@ -103,7 +103,9 @@ class Journal:
 
     SEGMENT_LIMIT = 256 << 20
 
-    def __init__(self, path: Path, block_size: int) -> None:
+    def __init__(self, path: Path, block_size: int, first_segno: int = 1) -> None:
+        """`first_segno`: the number a journal with no segment left starts at (past every segment
+        the index knows, so no number is used twice)."""
         self.path = path
         self.block_size = block_size
         # smaller segments the store asks for under a small space limit: a fade frees whole
@@ -119,7 +121,7 @@ class Journal:
         if segs:
             self.end = os.path.getsize(self.seg_path(self.segno))
         else:
-            self._new_segment(1)
+            self._new_segment(max(1, first_segno))
             self._sync_dir()
         self.total_bytes = self.size_bytes()
 
@@ -155,6 +157,13 @@ class Journal:
         # the new name is made durable by the next sync, with the records that need it: an fsync
         # of the directory here, under load, stalled every writer for up to half a second
         self._dir_dirty = True
+
+    def new_segment(self, segno: int) -> None:
+        """Start segment `segno` now. Segment numbers are never reused: when the newest segment
+        the index knows is gone or cut short (from outside), new records go to a segment after
+        it, or the index would read their offsets as the old records."""
+        assert segno > self.segno
+        self._new_segment(segno)
 
     def _sync_dir(self) -> None:
         self._dir_dirty = False
@@ -356,6 +365,39 @@ class Journal:
                         name = covered.decode("utf-8", "replace")
                     yield Scanned(hdr, s, pos, crcs, name, tuple(bad))
                     pos += hdr.total
+
+    def written_block_size(self) -> tuple[int, Path, int] | None:
+        """The block size the journal was written with, read from the records themselves: the
+        first WRITE or BASELINE record of the first and of the last segment whose header checks
+        out (its crc covers count and paylen, and paylen = count x (4 + block size), so it needs
+        no block size to be trusted). (block size, segment path, offset), or None when no such
+        record is found near the start of those segments. A mismatch means store.json is wrong."""
+        from .record import HEADER, MAGIC
+
+        segs = self.segment_numbers()
+        for s in dict.fromkeys((segs[0], segs[-1]) if segs else ()):
+            path = self.seg_path(s)
+            with open(path, "rb") as f:
+                pos = SEGMENT_HEADER_SIZE
+                for _ in range(1000):  # a few records: enough past the zeros and marks that may come first
+                    f.seek(pos)
+                    raw = f.read(HEADER_SIZE)
+                    if len(raw) < HEADER_SIZE:
+                        break
+                    magic, kind, _fl, hlen, _seq, _t, _blk, count, paylen, _aux, _hcrc, _pad = HEADER.unpack(raw)
+                    if magic != MAGIC or hlen != HEADER_SIZE or kind not in (1, 2, 3, 4, 5):
+                        break
+                    if kind in (Kind.WRITE, Kind.BASELINE):
+                        if not 0 < count <= (64 << 20) // 512 or paylen % count:
+                            break
+                        if not header_crc_ok(raw, f.read(4 * count)):
+                            break
+                        return paylen // count - 4, path, pos
+                    covered = f.read(paylen) if kind != Kind.ZERO else b""
+                    if paylen > 4096 or not header_crc_ok(raw, covered):
+                        break
+                    pos += HEADER_SIZE + paylen
+        return None
 
     def torn_ranges(self, segno: int, offset: int) -> list[tuple[int, int]]:
         """(block, count) of the WRITE/ZERO records whose headers survive in a torn tail."""
