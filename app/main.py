@@ -134,16 +134,22 @@ class MainWindow(QMainWindow):
         m.addSeparator()
         a = m.addAction("&Close this protection", self.close_current)
         a.setShortcut(QKeySequence.StandardKey.Close)
+        self.volume_actions = [a]  # enabled only while a protection is selected (_update_actions)
         m.addSeparator()
         a = m.addAction("&Quit", self.quit)
         a.setShortcut(QKeySequence.StandardKey.Quit)
         v = self.menuBar().addMenu("&Volume")
         a = v.addAction("&Mark now", lambda: self._current_call("mark_now"))
         a.setShortcut(QKeySequence("Ctrl+M"))
+        self.open_actions = [a]  # enabled only while the selected protection is open
         a = v.addAction("&Export this point...", lambda: self._current_call("export_point"))
         a.setShortcut(QKeySequence("Ctrl+E"))
-        v.addAction("&Rewind to this point...", lambda: self._current_call("rewind_point"))
-        v.addAction("&Verify", lambda: self._current_call("verify"))
+        self.open_actions.append(a)
+        self.open_actions.append(v.addAction("&Rewind to this point...", lambda: self._current_call("rewind_point")))
+        self.open_actions.append(v.addAction("&Verify", lambda: self._current_call("verify")))
+        v.aboutToShow.connect(self._update_actions)
+        m.aboutToShow.connect(self._update_actions)
+        self._update_actions()
         view = self.menuBar().addMenu("&View")
         for label, mode in (("Follow the desktop", "auto"), ("Light", "light"), ("Dark", "dark")):
             act = QAction(label, self)
@@ -171,6 +177,14 @@ class MainWindow(QMainWindow):
     def current_view(self) -> VolumeView | None:
         w = self.stack.currentWidget()
         return None if w is self.welcome or w is None else w  # type: ignore[return-value]
+
+    def _update_actions(self) -> None:
+        """Menu items that act on a protection are greyed out while none is selected (or open)."""
+        v = self.current_view()
+        for a in self.volume_actions:
+            a.setEnabled(v is not None)
+        for a in self.open_actions:
+            a.setEnabled(v is not None and v.snap is not None)
 
     def _current_call(self, name: str) -> None:
         v = self.current_view()
@@ -242,6 +256,7 @@ class MainWindow(QMainWindow):
                 row = self.views.index(view) + 1
                 self.volume_list.item(row).setText(f"{view.title}\n{view.state}")
                 self._update_tray()
+                self._update_actions()
 
         view.stateChanged.connect(refresh_item)
         view.titleChanged.connect(refresh_item)
@@ -289,10 +304,12 @@ class MainWindow(QMainWindow):
         if row <= 0:
             self.stack.setCurrentWidget(self.welcome)
             self._show_status(None)
+            self._update_actions()
             return
         view = self.views[row - 1]
         self.stack.setCurrentWidget(view)
         self._show_status(view.snap)
+        self._update_actions()
 
     def _list_menu(self, pos: Any) -> None:
         row = self.volume_list.indexAt(pos).row()

@@ -1,0 +1,87 @@
+"""Issue 15's low defects, as a new user meets them: each test clicks the real widgets (buttons,
+menu actions, dialogs answered as a person would) on a real store underneath."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from conftest import wait_until
+
+
+def _menu_action(window: Any, menu: str, text: str) -> Any:
+    """The real QAction of the menu bar's `menu` whose text (without &) starts with `text`."""
+    for top in window.menuBar().actions():
+        if top.text().replace("&", "") == menu:
+            for a in top.menu().actions():
+                if a.text().replace("&", "").startswith(text):
+                    return a
+    raise AssertionError(f"no {menu} > {text} in the menu bar")
+
+
+def _raw_store(tmp: Path, blocks: int = 64) -> Path:
+    from rewind.engine.store import Store
+
+    with Store.create(tmp / "disk.img", tmp / "store", size=4 << 20) as s:
+        for i in range(blocks):
+            s.live.write(i * 4096, bytes([i % 251 + 1]) * 4096)
+        s.mark("filled")
+        s.live.flush()
+    return tmp / "store"
+
+
+def _fat_store(tmp: Path, name: str = "store") -> Path:
+    """A 16 MiB FAT volume: mark "formatted" (empty), then /hello.txt and /Docs/a.txt written."""
+    from pyfatfs.PyFatFS import PyFatBytesIOFS
+    from rewind.app.demo import LiveFile, copy_in, make_fat_image
+    from rewind.engine.store import Store
+
+    store_dir = tmp / name
+    with tempfile.TemporaryDirectory() as t:
+        img = Path(t) / "fat.img"
+        make_fat_image(img, 16 << 20)
+        with Store.create(tmp / f"{name}-disk.img", store_dir, size=16 << 20) as s:
+            copy_in(s.live, img)
+            s.mark("formatted")
+            fs = PyFatBytesIOFS(LiveFile(s.live))
+            with fs.openbin("/hello.txt", "w") as f:
+                f.write(b"hello\n")
+            fs.makedir("/Docs")
+            with fs.openbin("/Docs/a.txt", "w") as f:
+                f.write(b"a file in a folder\n")
+            fs.close()
+            s.mark("written")
+            s.live.flush()
+    return store_dir
+
+
+def _open(window: Any, app: Any, store: Path) -> Any:
+    view = window.open_store(str(store))
+    wait_until(app, lambda: view.snap is not None and view.preview is not None, 20, "the store to open")
+    return view
+
+
+# -- 19: menu items that need a protection are greyed out without one ------------------------------------
+def test_volume_menu_disabled_without_protection(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
+    from PySide6.QtCore import Qt
+
+    needs = [("Volume", "Mark now"), ("Volume", "Export this point"), ("Volume", "Rewind to this point"),
+             ("Volume", "Verify"), ("File", "Close this protection")]
+    for menu, text in needs:
+        assert not _menu_action(window, menu, text).isEnabled(), f"{menu} > {text} enabled with nothing selected"
+    view = _open(window, app, _raw_store(tmp_path))
+    for menu, text in needs:
+        assert _menu_action(window, menu, text).isEnabled(), f"{menu} > {text} disabled with a protection open"
+    # back to Welcome by clicking it in the list: greyed out again
+    lst = window.volume_list
+    qtbot.mouseClick(lst.viewport(), Qt.MouseButton.LeftButton, pos=lst.visualItemRect(lst.item(0)).center())
+    assert window.current_view() is None
+    for menu, text in needs:
+        assert not _menu_action(window, menu, text).isEnabled(), f"{menu} > {text} enabled on Welcome"
+    # File > Close on the protection closes it; the items grey out again
+    lst.setCurrentRow(1)
+    _menu_action(window, "File", "Close this protection").trigger()
+    assert window.views == [] and view not in window.views
+    for menu, text in needs:
+        assert not _menu_action(window, menu, text).isEnabled()
