@@ -48,6 +48,7 @@ class InfoBar(QFrame):
         super().__init__(parent)
         self.setObjectName("infoBar")
         self.label = QLabel("")
+        self.label.setWordWrap(True)  # long results (a fade's) wrap instead of being cut off
         self.button = QPushButton("")
         self.close_button = QToolButton()
         self.close_button.setText("✕")

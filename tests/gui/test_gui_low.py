@@ -85,3 +85,38 @@ def test_volume_menu_disabled_without_protection(window: Any, app: Any, tmp_path
     assert window.views == [] and view not in window.views
     for menu, text in needs:
         assert not _menu_action(window, menu, text).isEnabled()
+
+
+# -- 16: the fade's result is read whole, not cut off ----------------------------------------------------
+def _shows_whole(label: Any) -> bool:
+    """The label's text is not cut: it fits on one line, or it wraps into the height it has."""
+    fm = label.fontMetrics()
+    width = label.contentsRect().width()
+    if fm.horizontalAdvance(label.text()) <= width:
+        return True
+    return bool(label.wordWrap()) and label.heightForWidth(label.width()) <= label.height()
+
+
+def test_fade_result_fits(window: Any, app: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    from rewind.engine.journal.segments import Journal
+    from test_gui_retention import make_history
+
+    monkeypatch.setattr(Journal, "SEGMENT_LIMIT", 64 << 10)
+    store_dir, _marks = make_history(tmp_path)
+    window.resize(900, 700)  # a laptop-sized window
+    view = _open(window, app, store_dir)
+    view.show_retention()
+    view.retention_page.fade_button.click()
+    dlg = wait_until(app, lambda: view.job_dialog if view.job_dialog and view.job_dialog.finished_state else None,
+                     60, "the fade to finish")
+    assert dlg.finished_state == "done", dlg.detail.text()
+    app.processEvents()
+    assert "points merged away or faded" in dlg.detail.text()
+    assert _shows_whole(dlg.detail), (dlg.detail.text(), dlg.detail.width())
+    dlg.accept()
+    wait_until(app, lambda: view.info_bar.isVisible(), 5, "the fade's line in the info bar")
+    app.processEvents()
+    label = view.info_bar.label
+    assert "points merged away or faded" in label.text()
+    assert _shows_whole(label), (label.text(), label.width())
+    assert window.width() <= 900, "the window grew to fit the line"
