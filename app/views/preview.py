@@ -232,6 +232,9 @@ class PreviewPane(QWidget):
         files = sum(1 for e in p.entries if not e.is_dir and e.status != "added")
         if p.seq >= p.head:
             summary = f"{p.fs_type}: {files} files now."
+        elif not p.now_fs:
+            summary = (f"{p.fs_type} at {at}: {files} files.  Since then the filesystem was wiped or replaced: "
+                       f"none is recognised now, so all {files} files are gone (Save as... restores one).")
         else:
             summary = (f"{p.fs_type} at {at}: {files} files.  Since then: {n['added']} added, "
                        f"{n['changed']} changed, {n['deleted']} deleted.")
@@ -302,6 +305,8 @@ class PreviewPane(QWidget):
             self._request_selected()
         elif keep:
             self._selected = ""
+            self.file_label.setText("")  # the header of a file no longer shown would go stale
+            self.save_button.setEnabled(False)
             self._clear_content("That file does not exist at this point.")
 
     def _show_blocks(self, p: Preview) -> None:
@@ -354,6 +359,7 @@ class PreviewPane(QWidget):
             return
         if e.is_dir:
             self.save_button.setEnabled(False)
+            self.file_label.setText(f"{e.path}/  a folder")
             self._clear_content(f"{e.path}: a folder.")
             return
         self.save_button.setEnabled(True)

@@ -120,3 +120,78 @@ def test_fade_result_fits(window: Any, app: Any, tmp_path: Path, monkeypatch: An
     assert "points merged away or faded" in label.text()
     assert _shows_whole(label), (label.text(), label.width())
     assert window.width() <= 900, "the window grew to fit the line"
+
+
+def _go_to_mark(view: Any, app: Any, qtbot: Any, name: str) -> None:
+    """PageUp on the timeline, mark to mark, until the point is mark `name` (as a person would)."""
+    from PySide6.QtCore import Qt
+
+    m = next(m for m in view.snap.marks if m.name == name)
+    for _ in range(6):
+        if view.preview is not None and view.preview.seq == m.seq and not view.timeline.at_now:
+            return
+        qtbot.keyClick(view.timeline, Qt.Key.Key_PageUp)
+        wait_until(app, lambda: view.preview.seq <= view.timeline.seq or view.preview.seq == m.seq, 10,
+                   "the preview after PageUp")
+        wait_until(app, lambda: view.preview.seq == view.timeline.seq, 10, "the preview at the step")
+    assert view.preview.seq == m.seq, f"PageUp never reached mark {name}"
+
+
+def _click_row(qtbot: Any, tree: Any, path: str, pane: Any) -> None:
+    from PySide6.QtCore import Qt
+
+    item = pane._items[path]
+    tree.scrollToItem(item)
+    qtbot.mouseClick(tree.viewport(), Qt.MouseButton.LeftButton, pos=tree.visualItemRect(item).center())
+
+
+# -- 11: a point whose filesystem is gone now says so, not "0 added, 0 changed, 0 deleted" ---------------
+def test_wiped_filesystem_is_said_plainly(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
+    from rewind.engine.store import Store
+
+    store_dir = _fat_store(tmp_path)
+    with Store.open(store_dir) as s:
+        s.live.write(0, bytes(64 << 10))  # wipefs: the boot sector and the FAT are gone
+        s.live.flush()
+    view = _open(window, app, store_dir)
+    assert view.preview.fs_type is None, "no filesystem now"
+    _go_to_mark(view, app, qtbot, "written")
+    header = view.preview_pane.header.text()
+    assert view.preview.fs_type == "FAT16" or view.preview.fs_type, header
+    assert "0 deleted" not in header and "0 added, 0 changed" not in header, header
+    assert "none is recognised now" in header and "2 files" in header, header
+    assert view.preview_pane.listed_files().keys() >= {"/hello.txt", "/Docs/a.txt"}
+    statuses = {e.path: e.status for e in view.preview.entries if not e.is_dir}
+    assert set(statuses.values()) == {"deleted"}, statuses
+    assert view.preview_pane._items["/hello.txt"].text(3) == "deleted since"
+
+
+# -- 13: the preview's file header follows what is selected and shown ------------------------------------
+def test_preview_header_never_stale(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
+    pane_view = _open(window, app, _fat_store(tmp_path))
+    view = pane_view
+    pane = view.preview_pane
+    wait_until(app, lambda: "/hello.txt" in pane._items, 10, "the file tree")
+    _click_row(qtbot, pane.tree, "/hello.txt", pane)
+    wait_until(app, lambda: pane.text.toPlainText() == "hello\n", 10, "the file's text")
+    assert "/hello.txt" in pane.file_label.text()
+    # a folder: the header says the folder, not the last file
+    _click_row(qtbot, pane.tree, "/Docs", pane)
+    assert "hello.txt" not in pane.file_label.text(), pane.file_label.text()
+    assert "/Docs" in pane.file_label.text() and not pane.save_button.isEnabled()
+
+    # at "formatted" the file is added since; rewinding there leaves no such file now
+    _go_to_mark(view, app, qtbot, "formatted")
+    _click_row(qtbot, pane.tree, "/hello.txt", pane)
+    assert "now (added after this point)" in pane.file_label.text()
+    view.rewind_button.click()
+    dlg = wait_until(app, lambda: view.rewind_dialog, 20, "the rewind confirmation")
+    dlg.rewind_button.click()
+    wait_until(app, lambda: view.job_dialog is not None and view.job_dialog.finished_state == "done", 30,
+               "the rewind")
+    wait_until(app, lambda: view.timeline.at_now and view.preview.seq == view.preview.head
+               and "/hello.txt" not in pane._items, 20, "the preview of now after the rewind")
+    assert pane.placeholder.text() == "That file does not exist at this point."
+    assert "added after this point" not in pane.file_label.text(), pane.file_label.text()
+    assert "hello.txt" not in pane.file_label.text(), pane.file_label.text()
+    assert not pane.save_button.isEnabled()
