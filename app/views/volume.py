@@ -470,7 +470,10 @@ class VolumeView(QWidget):
                   "demo": "The demo stopped", "serve": "Cannot serve the volume", "mark": "Cannot add the mark",
                   "save-file": "Cannot save the file", "read-file": "Cannot read the file",
                   "rewind-check": "Cannot prepare the rewind"}
-        show_error(self, titles.get(what, "Something went wrong"), e, doing=what)
+        from rewind.engine.errors import BadInput
+
+        todo = "Pick another name for the mark." if what == "mark" and isinstance(e, BadInput) else ""
+        show_error(self, titles.get(what, "Something went wrong"), e, doing=what, todo=todo)
         if what in ("serve", "stop-serve", "demo"):
             self.notify.emit(titles.get(what, "Rewind"), str(e), "critical")
 
@@ -566,11 +569,31 @@ class VolumeView(QWidget):
     # -- actions ---------------------------------------------------------------------------------
     def mark_now(self, name: str | None = None) -> None:
         if name is None:
-            default = _dt.datetime.now().strftime("mark %H.%M.%S")
-            name, ok = QInputDialog.getText(self, "Mark now", "Name for this moment:", text=default)
-            if not ok or not name.strip():
+            name = self._ask_mark_name()
+            if not name:
                 return
         self.worker.mark(name.strip())
+
+    def _ask_mark_name(self) -> str:
+        """Ask for a name until it is new: a taken name is asked again, saying so (the engine
+        refuses it, and its refusal used to close the dialog with advice about picking files)."""
+        taken = {m.name for m in self.snap.marks} if self.snap is not None else set()
+        text = _dt.datetime.now().strftime("mark %H.%M.%S")
+        label = "Name for this moment:"
+        while True:
+            dlg = QInputDialog(self)
+            dlg.setObjectName("markNameDialog")
+            dlg.setWindowTitle("Mark now")
+            dlg.setLabelText(label)
+            dlg.setTextValue(text)
+            ok = dlg.exec() == QInputDialog.DialogCode.Accepted
+            text = dlg.textValue().strip()
+            dlg.deleteLater()
+            if not ok or not text:
+                return ""
+            if text not in taken:
+                return text
+            label = f"A mark named “{text}” exists already: pick another name for this moment:"
 
     def export_point(self, out: str | None = None) -> None:
         seq = self.point_seq()

@@ -195,3 +195,36 @@ def test_preview_header_never_stale(window: Any, app: Any, tmp_path: Path, qtbot
     assert "added after this point" not in pane.file_label.text(), pane.file_label.text()
     assert "hello.txt" not in pane.file_label.text(), pane.file_label.text()
     assert not pane.save_button.isEnabled()
+
+
+# -- 15: a mark name that is taken is asked again, saying so ---------------------------------------------
+def test_duplicate_mark_name_asks_again(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QDialogButtonBox, QInputDialog, QLineEdit
+    from rewind.app.dialogs import errors as errdlg
+
+    view = _open(window, app, _raw_store(tmp_path))
+    labels: list[str] = []
+    names = ["filled", "filled again"]  # what the person types, one per time they are asked
+
+    def answer() -> None:
+        dlg = next((d for d in view.findChildren(QInputDialog) if d.isVisible()), None)
+        if dlg is None or len(labels) >= len(names) or (labels and dlg.labelText() == labels[-1]):
+            QTimer.singleShot(30, answer)
+            return
+        labels.append(dlg.labelText())
+        line = dlg.findChild(QLineEdit)
+        line.selectAll()
+        qtbot.keyClicks(line, names[len(labels) - 1])
+        dlg.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.Ok).click()
+        if len(labels) < len(names):
+            QTimer.singleShot(30, answer)
+
+    QTimer.singleShot(30, answer)
+    _menu_action(window, "Volume", "Mark now").trigger()
+    assert len(labels) == 2, labels
+    assert "“filled” exists" in labels[1], labels
+    wait_until(app, lambda: any(m.name == "filled again" for m in view.snap.marks), 10, "the new mark")
+    app.processEvents()
+    said = [b.text() + " " + b.informativeText() for b in errdlg.OPEN_DIALOGS]
+    assert not said, said
