@@ -228,7 +228,8 @@ class PreviewPane(QWidget):
             return
         self.modes.setCurrentIndex(0)
         n = p.counts()
-        at = "now" if p.seq >= p.head else f"record {p.seq:,} ({human_time(p.time_ns)})"
+        # the time written as the heading above writes it (the same moment reads the same)
+        at = "now" if p.seq >= p.head else f"record {p.seq:,} ({human_time(p.time_ns, with_date=True)})"
         files = sum(1 for e in p.entries if not e.is_dir and e.status != "added")
         if p.seq >= p.head:
             summary = f"{p.fs_type}: {files} files now."
@@ -317,7 +318,7 @@ class PreviewPane(QWidget):
             self.header.setText("No filesystem recognised: the volume is shown as blocks.")
         else:
             self.header.setText(
-                f"No filesystem recognised at record {p.seq:,} ({human_time(p.time_ns)}). "
+                f"No filesystem recognised at record {p.seq:,} ({human_time(p.time_ns, with_date=True)}). "
                 f"{len(p.changed_blocks):,} blocks ({human_bytes(len(p.changed_blocks) * p.block_size)}) "
                 "changed since then (highlighted).")
         first = p.changed_blocks[0] * p.block_size if p.changed_blocks else 0

@@ -325,6 +325,8 @@ class VolumeView(QWidget):
             self._want(("now", 0))
         if self.preview is not None and not self.timeline.at_now:
             self._update_point_label(self.preview.seq, self.preview.time_ns)
+        elif self.preview is not None:
+            self._update_point_label(snap.head, snap.head_time, at_now=True)  # keep up with the status bar
 
     # -- retention ------------------------------------------------------------------------------------
     def _on_tab(self, index: int) -> None:
@@ -523,6 +525,8 @@ class VolumeView(QWidget):
             self.notify.emit("Damaged history", f"{self.title}: {e}", "critical")
 
     def _update_point_label(self, seq: int | None, t_ns: int, at_now: bool = False) -> None:
+        if at_now and seq is not None and self.snap is not None:
+            seq = max(seq, self.snap.head)  # the newest record known, as in the status bar
         if at_now:
             self.point_label.setText(f"Now · record {seq:,}" if seq is not None else "Now")
             return

@@ -228,3 +228,49 @@ def test_duplicate_mark_name_asks_again(window: Any, app: Any, tmp_path: Path, q
     app.processEvents()
     said = [b.text() + " " + b.informativeText() for b in errdlg.OPEN_DIALOGS]
     assert not said, said
+
+
+# -- 14: the point stays where it was let go; heading, body and status bar agree -------------------------
+def test_timeline_release_keeps_point_and_heading_keeps_up(window: Any, app: Any, qtbot: Any) -> None:
+    import re
+    import time
+
+    from PySide6.QtCore import QPoint, Qt
+
+    view = window.open_demo(interval=0.03, seed=7)
+    wait_until(app, lambda: view.snap is not None and view.snap.head > 150, 60, "the demo's writes")
+    # at now, the heading says the record the status bar says, every second
+    for _ in range(4):
+        with qtbot.waitSignal(view.statusChanged, timeout=5000):
+            pass
+        want = f"record {view.snap.head:,}"
+        assert want in window.st_writes.text()
+        assert want in view.point_label.text(), (view.point_label.text(), window.st_writes.text())
+
+    # drag to the middle, wait there while the demo writes on, let go at the same place
+    tl = view.timeline
+    x, y = tl.width() // 2, 14 + 17
+    qtbot.mousePress(tl, Qt.MouseButton.LeftButton, pos=QPoint(x, y))
+    qtbot.mouseMove(tl, QPoint(x + 1, y))
+    qtbot.mouseMove(tl, QPoint(x, y))
+    wait_until(app, lambda: view.preview is not None and not tl.at_now and view.preview.seq == tl.seq
+               and abs(view.preview.time_ns - tl.t_point) < 5 * 10**9 and view.worker.preview_gen == view.shown_gen,
+               10, "the preview under the handle")
+    held = view.preview.seq
+    end = time.monotonic() + 2.5
+    while time.monotonic() < end:  # snapshots come: now moves on, the scale under the handle shifts
+        app.processEvents()
+        time.sleep(0.02)
+    qtbot.mouseRelease(tl, Qt.MouseButton.LeftButton, pos=QPoint(x, y))
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.02)
+    assert view.preview.seq == held, f"the record moved by itself after release: {held:,} -> {view.preview.seq:,}"
+    assert f"record {held:,}" in view.point_label.text(), view.point_label.text()
+    # heading and body say the same time
+    stamp = re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", view.point_label.text())
+    assert stamp, view.point_label.text()
+    if view.preview.fs_type is not None:
+        assert stamp.group(0) in view.preview_pane.header.text(), (view.point_label.text(),
+                                                                   view.preview_pane.header.text())
