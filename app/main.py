@@ -17,7 +17,6 @@ from PySide6.QtCore import QSettings, QSize, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
-    QFileDialog,
     QLabel,
     QListWidget,
     QListWidgetItem,
@@ -262,6 +261,8 @@ class MainWindow(QMainWindow):
         view.titleChanged.connect(refresh_item)
         view.statusChanged.connect(lambda snap, v=view: self._show_status(snap) if v is self.current_view() else None)
         view.notify.connect(self.notify)
+        view.openFailed.connect(lambda: QTimer.singleShot(0, self, lambda: self.close_view(view, ask=False)
+                                                          if view in self.views else None))
         self.volume_list.setCurrentRow(self.volume_list.count() - 1)
         return view
 
@@ -273,9 +274,12 @@ class MainWindow(QMainWindow):
         return self._add_view(Path(store_dir).name, start=lambda w: w.open(store_dir))
 
     def open_protection(self) -> None:
-        d = QFileDialog.getExistingDirectory(self, "Open a protection (its history folder)", str(Path.home()))
-        if d:
-            self.open_store(d)
+        from .dialogs.protect import OpenDialog
+
+        dlg = OpenDialog(self)
+        if dlg.exec() == OpenDialog.DialogCode.Accepted and dlg.folder():
+            self.open_store(dlg.folder())
+        dlg.deleteLater()
 
     def protect_image(self) -> None:
         dlg = ProtectDialog(self)

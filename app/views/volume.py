@@ -82,6 +82,7 @@ class VolumeView(QWidget):
     statusChanged = Signal(object)  # Snapshot (for the window's status bar)
     notify = Signal(str, str, str)  # title, message, level ("info" | "warning" | "critical")
     titleChanged = Signal(str)
+    openFailed = Signal()  # the store could not be opened and the user has read why: drop the entry
 
     def __init__(self, worker: VolumeWorker, title: str, demo: bool = False,
                  parent: QWidget | None = None) -> None:
@@ -457,7 +458,7 @@ class VolumeView(QWidget):
             self._set_state("Failed to open")
             self.subtitle.setText("Could not open this protection.")
             self.message.setText(f"Could not open this protection.\n\n{e}\n\n"
-                                 "Close it from the list (right click, or File > Close) once you have read why.")
+                                 "It leaves the list when you close the message that says why.")
             self.pages.setCurrentIndex(0)
             self.refresh_timer.stop()
         if what == "demo" and self.snap is not None:
@@ -475,7 +476,9 @@ class VolumeView(QWidget):
         from rewind.engine.errors import BadInput
 
         todo = "Pick another name for the mark." if what == "mark" and isinstance(e, BadInput) else ""
-        show_error(self, titles.get(what, "Something went wrong"), e, doing=what, todo=todo)
+        box = show_error(self, titles.get(what, "Something went wrong"), e, doing=what, todo=todo)
+        if what in ("open", "create", "demo") and self.snap is None:
+            box.finished.connect(lambda _r: self.openFailed.emit())  # no dead "Failed to open" entries
         if what in ("serve", "stop-serve", "demo"):
             self.notify.emit(titles.get(what, "Rewind"), str(e), "critical")
 

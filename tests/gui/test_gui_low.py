@@ -274,3 +274,121 @@ def test_timeline_release_keeps_point_and_heading_keeps_up(window: Any, app: Any
     if view.preview.fs_type is not None:
         assert stamp.group(0) in view.preview_pane.header.text(), (view.point_label.text(),
                                                                    view.preview_pane.header.text())
+
+
+# -- 12: the protect and open dialogs check inside themselves, in plain words; no dead entries -----------
+def _answer_dialog(app: Any, find: Any, steps: list[Any]) -> list[Any]:
+    """Run steps(dlg) one after another on the modal dialog `find()` returns, while it is open."""
+    from PySide6.QtCore import QTimer
+
+    done: list[Any] = []
+
+    def go() -> None:
+        dlg = find()
+        if dlg is None or not dlg.isVisible():
+            QTimer.singleShot(30, go)
+            return
+        try:
+            done.append(steps[len(done)](dlg))
+        except BaseException as e:  # a failed step must not leave the modal dialog waiting forever
+            done.append(e)
+            dlg.reject()
+            raise
+        if len(done) < len(steps) and dlg.isVisible():
+            QTimer.singleShot(30, go)
+
+    QTimer.singleShot(30, go)
+    return done
+
+
+def test_protect_dialog_checks_inside(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QDialogButtonBox
+    from rewind.app.dialogs.protect import ProtectDialog
+
+    image = tmp_path / "new-disk.img"
+    store = tmp_path / "history"
+    seen: dict[str, Any] = {}
+
+    def type_missing_image(dlg: Any) -> None:
+        qtbot.keyClicks(dlg.image, str(image))
+        dlg.store.selectAll()
+        qtbot.keyClicks(dlg.store, str(store))
+        ok = dlg.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.Ok)
+        seen["problem"] = dlg.image_problem.text() if dlg.image_problem.isVisible() else ""
+        seen["ok_enabled"] = ok.isEnabled()
+        ok.click()  # a person clicks Protect anyway
+        seen["still_open"] = dlg.isVisible()
+
+    def set_size_and_protect(dlg: Any) -> None:
+        dlg.size_box.selectAll()
+        qtbot.keyClicks(dlg.size_box, "4")
+        qtbot.keyClick(dlg.size_box, Qt.Key.Key_Tab)
+        seen["problem_after"] = dlg.image_problem.isVisible()
+        dlg.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.Ok).click()
+
+    done = _answer_dialog(app, lambda: next((d for d in window.findChildren(ProtectDialog) if d.isVisible()), None),
+                          [type_missing_image, set_size_and_protect])
+    _menu_action(window, "File", "Protect a disk image").trigger()
+    assert len(done) == 2, seen
+    assert "set its size" in seen["problem"] and "--size" not in seen["problem"], seen
+    assert seen["still_open"] and not seen["ok_enabled"], seen
+    assert not seen["problem_after"]
+    view = window.views[-1]
+    wait_until(app, lambda: view.snap is not None or view.error is not None, 20, "the new protection")
+    assert view.error is None and image.stat().st_size == 4 << 20
+    assert len(window.views) == 1
+
+
+def test_open_dialog_checks_inside_and_no_dead_entries(window: Any, app: Any, tmp_path: Path,
+                                                       qtbot: Any) -> None:
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QDialogButtonBox, QFileDialog, QLineEdit
+    from rewind.app.dialogs import errors as errdlg
+
+    store = _raw_store(tmp_path)
+    not_history = tmp_path / "photos"
+    not_history.mkdir()
+    seen: dict[str, Any] = {}
+
+    def choose(dlg: Any, folder: Path) -> None:
+        line = dlg.findChild(QLineEdit, "fileNameEdit")
+        line.setText(str(folder))  # pasted: typing opens the completer's popup, which eats the click
+        box = dlg.findChild(QDialogButtonBox)
+        btn = next(b for b in box.buttons() if box.buttonRole(b) == QDialogButtonBox.ButtonRole.AcceptRole)
+        qtbot.mouseClick(btn, Qt.MouseButton.LeftButton)
+
+    def wrong(dlg: Any) -> None:
+        choose(dlg, not_history)
+        seen["open_after_wrong"] = dlg.isVisible()
+        problem = dlg.findChild(type(dlg.problem), "problem") if hasattr(dlg, "problem") else None
+        seen["said"] = problem.text() if problem is not None and problem.isVisible() else ""
+
+    def inside(dlg: Any) -> None:
+        choose(dlg, store / "journal")
+        seen["said_inside"] = dlg.problem.text()
+
+    def right(dlg: Any) -> None:
+        choose(dlg, store)
+
+    done = _answer_dialog(app, lambda: next((d for d in window.findChildren(QFileDialog) if d.isVisible()), None),
+                          [wrong, inside, right])
+    _menu_action(window, "File", "Open a protection").trigger()
+    assert seen.get("open_after_wrong"), f"the dialog closed on a folder with no history: {window.views}"
+    assert "holds no Rewind history" in seen["said"] and "store.json" not in seen["said"], seen
+    assert "inside the history folder" in seen["said_inside"], seen
+    assert len(done) == 3
+    view = window.views[-1]
+    wait_until(app, lambda: view.snap is not None, 20, "the protection to open")
+    assert len(window.views) == 1
+
+    # a protection that cannot open (its image is gone): one error, and once it is read the
+    # entry leaves the list instead of staying as "Failed to open"
+    (tmp_path / "disk.img").rename(tmp_path / "moved.img")
+    window.close_view(view)
+    bad = window.open_store(str(store))
+    box = wait_until(app, lambda: errdlg.OPEN_DIALOGS[-1] if errdlg.OPEN_DIALOGS else None, 20, "the error")
+    assert bad.state == "Failed to open"
+    qtbot.mouseClick(box.button(box.StandardButton.Ok), Qt.MouseButton.LeftButton)
+    wait_until(app, lambda: window.views == [], 5, "the failed entry to leave the list")
+    assert window.volume_list.count() == 1  # only Welcome
