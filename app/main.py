@@ -281,8 +281,10 @@ class MainWindow(QMainWindow):
             self.open_store(dlg.folder())
         dlg.deleteLater()
 
-    def protect_image(self) -> None:
+    def protect_image(self, image: str | bool = "") -> None:
         dlg = ProtectDialog(self)
+        if isinstance(image, str) and image:  # `rewind disk.img` from a file manager
+            dlg.image.setText(image)
         if dlg.exec() != ProtectDialog.DialogCode.Accepted:
             return
         image, store, size = dlg.values()
@@ -502,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     for a in args:
         if a == "--demo":
             window.open_demo()
+        elif not a.startswith("-") and not Path(a).is_dir():  # a disk image: offer to protect it
+            QTimer.singleShot(0, window, lambda a=a: window.protect_image(a))
         elif not a.startswith("-"):
             window.open_store(a)
     if os.environ.get("REWIND_STARTUP_TIMING"):

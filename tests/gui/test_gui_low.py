@@ -392,3 +392,57 @@ def test_open_dialog_checks_inside_and_no_dead_entries(window: Any, app: Any, tm
     qtbot.mouseClick(box.button(box.StandardButton.Ok), Qt.MouseButton.LeftButton)
     wait_until(app, lambda: window.views == [], 5, "the failed entry to leave the list")
     assert window.volume_list.count() == 1  # only Welcome
+
+
+# -- 17: `rewind PATH` (the .desktop entry's Exec=rewind %F) opens the console with it --------------------
+def test_rewind_path_opens_console(app: Any, isolated: Path, tmp_path: Path, monkeypatch: Any) -> None:
+    import sys
+    import time
+
+    from PySide6.QtCore import QTimer
+    from rewind.app.dialogs.protect import ProtectDialog
+    from rewind.app.main import MainWindow
+    from rewind.engine import cli
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the console installs its own
+    store = _raw_store(tmp_path)
+    image = tmp_path / "other.img"
+    image.write_bytes(bytes(1 << 20))
+    seen: dict[str, Any] = {}
+
+    def run(args: list[str], look: Any) -> int:
+        end = time.monotonic() + 30
+
+        def check() -> None:
+            wins = [w for w in app.topLevelWidgets() if isinstance(w, MainWindow) and w.isVisible()]
+            if wins and (look(wins[-1]) or time.monotonic() > end):
+                for d in wins[-1].findChildren(ProtectDialog):
+                    d.reject()
+                QTimer.singleShot(0, wins[-1].quit)
+                return
+            if time.monotonic() > end:
+                app.quit()
+                return
+            QTimer.singleShot(50, check)
+
+        QTimer.singleShot(50, check)
+        return cli.main(args)
+
+    def store_open(w: Any) -> bool:
+        if w.views and w.views[0].snap is not None:
+            seen["store"] = str(w.views[0].worker.link.dir)
+            return True
+        return False
+
+    assert run([str(store)], store_open) == 0
+    assert seen.get("store") == str(store.absolute())
+
+    def image_offered(w: Any) -> bool:
+        d = next((d for d in w.findChildren(ProtectDialog) if d.isVisible()), None)
+        if d is not None:
+            seen["image"] = d.image.text()
+            return True
+        return False
+
+    assert run([str(image)], image_offered) == 0
+    assert seen.get("image") == str(image.absolute())
