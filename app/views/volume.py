@@ -300,6 +300,8 @@ class VolumeView(QWidget):
         self._refresh_pending = False
         self._refresh_failing = False
         first = self.snap is None
+        if self.snap is not None and self.snap.remote and not snap.remote:
+            QTimer.singleShot(0, self, lambda: self._set_enabled(True))  # taken over: Rewind and Serve again
         self.snap = snap
         self.charts.update_chart(snap.chart, snap.horizon_time / 1e9, snap.head_time / 1e9, snap.journal_xy)
         self.charts.set_marks(snap.marks)
@@ -449,8 +451,14 @@ class VolumeView(QWidget):
                 return  # said once already; the state in the list keeps saying it
             self._refresh_failing = True
             if self.snap is not None and self.snap.remote:
-                self.notify.emit("Protection stopped?", f"{self.title}: lost touch with `rewind serve`: {e}",
-                                 "critical")
+                # the socket's error says "in use by another process" even when nothing holds the
+                # store any more: say what is known, and offer to open it here
+                self.notify.emit("Protection stopped?", f"{self.title}: `rewind serve` no longer answers (it "
+                                 "stopped, or is stuck): writes through it are no longer kept.", "critical")
+                self.info_bar.show_message(
+                    f"`rewind serve` no longer answers for {self.title}. If it has stopped, take the "
+                    "volume over: the console opens its history itself (then Serve it to keep protecting).",
+                    "Take over", self.take_over)
                 self._set_state("Lost touch with serve")
                 return
         if what in ("open", "create", "demo"):
@@ -472,7 +480,7 @@ class VolumeView(QWidget):
         titles = {"open": "Cannot open the protection", "create": "Cannot protect this image",
                   "demo": "The demo stopped", "serve": "Cannot serve the volume", "mark": "Cannot add the mark",
                   "save-file": "Cannot save the file", "read-file": "Cannot read the file",
-                  "rewind-check": "Cannot prepare the rewind"}
+                  "rewind-check": "Cannot prepare the rewind", "take-over": "Cannot take the volume over"}
         from rewind.engine.errors import BadInput
 
         todo = "Pick another name for the mark." if what == "mark" and isinstance(e, BadInput) else ""
@@ -809,6 +817,11 @@ class VolumeView(QWidget):
                              f"the oldest history faded early ({msg})", "warning")
         if kind in ("mark", "rewind", "fade"):
             self.worker.refresh()
+
+    def take_over(self) -> None:
+        """The `rewind serve` this view was attached to stopped: open the store here instead."""
+        self.info_bar.hide()
+        self.worker.take_over()
 
     def show_message(self, text: str) -> None:
         show_info(self, "Rewind", text)

@@ -446,3 +446,30 @@ def test_rewind_path_opens_console(app: Any, isolated: Path, tmp_path: Path, mon
 
     assert run([str(image)], image_offered) == 0
     assert seen.get("image") == str(image.absolute())
+
+
+# -- 18: when the attached `rewind serve` stops, say so truly and offer to take the volume over ----------
+def test_serve_stopped_offers_take_over(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
+    import signal
+
+    from PySide6.QtCore import Qt
+    from helpers import rewind_serve
+    from test_gui_attach import _make_store
+
+    store_dir = _make_store(tmp_path)
+    with rewind_serve(store_dir, tmp_path / "nbd.sock") as proc:
+        view = window.open_store(str(store_dir))
+        wait_until(app, lambda: view.snap is not None and view.preview is not None, 20, "the attached store")
+        assert view.snap.remote and not view.rewind_button.isEnabled()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    wait_until(app, lambda: view.state == "Lost touch with serve", 15, "the console to notice")
+    said = " ".join(n[1] for n in window.notifications if "Protection stopped" in n[0])
+    assert said and "in use by another process" not in said, said
+    assert view.info_bar.isVisible() and view.info_bar.button.text() == "Take over"
+    qtbot.mouseClick(view.info_bar.button, Qt.MouseButton.LeftButton)
+    wait_until(app, lambda: not view.snap.remote, 20, "the store opened by the console itself")
+    wait_until(app, lambda: view.state == "Protecting" and view.rewind_button.isEnabled(), 10, "the actions back")
+    assert view.serve_button.isEnabled()
+    assert window.st_front.text() == "NBD: not served"
+    assert view.worker.link is not None and not view.worker.link.remote
