@@ -300,7 +300,8 @@ class VolumeWorker(QObject):
         max_size = retention.get("max_size")
         demo: dict[str, Any] = {}
         if self.demo is not None:
-            demo = {"running": self.demo.is_alive(), "ops": self.demo.ops, "files": len(self.demo.files)}
+            demo = {"running": self.demo.is_alive(), "ops": self.demo.ops, "files": len(self.demo.files),
+                    "paced": self.demo.is_alive() and self.demo.paced, "busy_s": self.demo.busy_s}
         return Snapshot(
             head=head, horizon=horizon, head_time=link.point_time(head), horizon_time=link.point_time(horizon),
             marks=link.marks(), chart=chart, total_writes=self.series.total_writes, journal_bytes=journal,

@@ -318,6 +318,7 @@ class VolumeView(QWidget):
         if self.demo:
             running = bool(snap.demo.get("running"))
             self.demo_button.setText("Pause demo" if running else "Resume demo")
+            self.subtitle.setText(self.subtitle.text() + "\n" + demo_note(snap))
         self._set_state(self._state_text())
         self._check_space(snap)
         self._show_retention(snap)
@@ -438,7 +439,7 @@ class VolumeView(QWidget):
         if snap.served:
             return f"Served ({snap.connections} client{'s' if snap.connections != 1 else ''})"
         if self.demo and snap.demo.get("running"):
-            return "Protecting · demo running"
+            return "Protecting · demo paced" if snap.demo.get("paced") else "Protecting · demo running"
         return "Protecting"
 
     def _on_failed(self, what: str, e: BaseException) -> None:
@@ -825,3 +826,16 @@ class VolumeView(QWidget):
 
     def show_message(self, text: str) -> None:
         show_info(self, "Rewind", text)
+
+
+def demo_note(snap: Snapshot) -> str:
+    """The demo's status in words: why its history outgrows its disk, and that it slows down on
+    purpose (a demo at ~0.2 MB/s with no word looks stalled)."""
+    why = (f"Every write is kept, so the history grows past the {human_bytes(snap.size)} disk's size: "
+           "the same files are rewritten again and again, and each version stays.")
+    if not snap.demo.get("running"):
+        return f"Demo paused. {why}"
+    if snap.demo.get("paced"):
+        return f"Demo: paced to keep history small (a change every few seconds). {why}"
+    minutes = float(snap.demo.get("busy_s", 120)) / 60
+    return f"Demo: busy for its first {minutes:g} minutes, then paced to keep history small. {why}"

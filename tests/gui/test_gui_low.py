@@ -473,3 +473,18 @@ def test_serve_stopped_offers_take_over(window: Any, app: Any, tmp_path: Path, q
     assert view.serve_button.isEnabled()
     assert window.st_front.text() == "NBD: not served"
     assert view.worker.link is not None and not view.worker.link.remote
+
+
+# -- 20: the demo says why its history grows and when it slows down on purpose ---------------------------
+def test_demo_says_paced_and_why_history_grows(window: Any, app: Any) -> None:
+    view = window.open_demo(interval=0.05, seed=3)
+    wait_until(app, lambda: view.snap is not None and view.snap.demo.get("running"), 60, "the demo to run")
+    wait_until(app, lambda: "Every write is kept" in view.subtitle.text(), 5, "the demo's status")
+    assert "paced to keep history small" in view.subtitle.text()  # says what is coming
+    assert view.subtitle.isVisible()
+    # two minutes on (the workload's busy stretch is shortened here, not the clock)
+    view.worker.demo.busy_s = 0
+    wait_until(app, lambda: view.snap.demo.get("paced"), 10, "the demo to slow down")
+    wait_until(app, lambda: "Demo: paced to keep history small" in view.subtitle.text(), 5, "the paced status")
+    assert view.state == "Protecting · demo paced"
+    assert window.volume_list.item(1).text().endswith("demo paced")
