@@ -157,7 +157,7 @@ def test_wiped_filesystem_is_said_plainly(window: Any, app: Any, tmp_path: Path,
     assert view.preview.fs_type is None, "no filesystem now"
     _go_to_mark(view, app, qtbot, "written")
     header = view.preview_pane.header.text()
-    assert view.preview.fs_type == "FAT16" or view.preview.fs_type, header
+    assert view.preview.fs_type, header  # the point still has its filesystem
     assert "0 deleted" not in header and "0 added, 0 changed" not in header, header
     assert "none is recognised now" in header and "2 files" in header, header
     assert view.preview_pane.listed_files().keys() >= {"/hello.txt", "/Docs/a.txt"}
@@ -168,8 +168,7 @@ def test_wiped_filesystem_is_said_plainly(window: Any, app: Any, tmp_path: Path,
 
 # -- 13: the preview's file header follows what is selected and shown ------------------------------------
 def test_preview_header_never_stale(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
-    pane_view = _open(window, app, _fat_store(tmp_path))
-    view = pane_view
+    view = _open(window, app, _fat_store(tmp_path))
     pane = view.preview_pane
     wait_until(app, lambda: "/hello.txt" in pane._items, 10, "the file tree")
     _click_row(qtbot, pane.tree, "/hello.txt", pane)
@@ -452,8 +451,8 @@ def test_rewind_path_opens_console(app: Any, isolated: Path, tmp_path: Path, mon
 def test_serve_stopped_offers_take_over(window: Any, app: Any, tmp_path: Path, qtbot: Any) -> None:
     import signal
 
-    from PySide6.QtCore import Qt
     from helpers import rewind_serve
+    from PySide6.QtCore import Qt
     from test_gui_attach import _make_store
 
     store_dir = _make_store(tmp_path)
