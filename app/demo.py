@@ -275,6 +275,13 @@ class DemoWorkload(threading.Thread):
         self.fs: Any = None
         self.file: LiveFile | None = None
         self.error: BaseException | None = None
+        self.started: float | None = None  # monotonic time the workload began
+
+    @property
+    def paced(self) -> bool:
+        """Past its busy start (busy_s): one operation every few seconds, so the history stays
+        small. The console says so: at ~0.2 MB/s the demo otherwise looks stalled."""
+        return self.started is not None and time.monotonic() - self.started >= self.busy_s
 
     # -- control --------------------------------------------------------------------------------
     def stop(self, timeout: float = 10.0) -> None:
@@ -376,6 +383,7 @@ class DemoWorkload(threading.Thread):
                 self._mount()
                 self.log.record(int(self.store.head), self.files)
             last_flush = started = time.monotonic()
+            self.started = started
             while not self._halt.is_set():
                 age = time.monotonic() - started
                 if age > self.max_s:

@@ -32,7 +32,6 @@ from PySide6.QtWidgets import (
 
 from .assets import app_icon
 from .dialogs import errors as errdlg
-from .dialogs import files
 from .dialogs.protect import ProtectDialog, store_folder_problem
 from .format import human_bytes, human_time
 from .theme import apply_theme
@@ -134,6 +133,7 @@ class MainWindow(QMainWindow):
         m.addSeparator()
         a = m.addAction("&Close this protection", self.close_current)
         a.setShortcut(QKeySequence.StandardKey.Close)
+        self.volume_actions = [a]  # enabled only while a protection is selected (_update_actions)
         m.addSeparator()
         a = m.addAction("&Quit", self.quit)
         a.setShortcut(QKeySequence("Ctrl+Q"))  # StandardKey.Quit is empty on some platform themes
@@ -141,10 +141,15 @@ class MainWindow(QMainWindow):
         v = self.menuBar().addMenu("&Volume")
         a = v.addAction("&Mark now", lambda: self._current_call("mark_now"))
         a.setShortcut(QKeySequence("Ctrl+M"))
+        self.open_actions = [a]  # enabled only while the selected protection is open
         a = v.addAction("&Export this point...", lambda: self._current_call("export_point"))
         a.setShortcut(QKeySequence("Ctrl+E"))
-        v.addAction("&Rewind to this point...", lambda: self._current_call("rewind_point"))
-        v.addAction("&Verify", lambda: self._current_call("verify"))
+        self.open_actions.append(a)
+        self.open_actions.append(v.addAction("&Rewind to this point...", lambda: self._current_call("rewind_point")))
+        self.open_actions.append(v.addAction("&Verify", lambda: self._current_call("verify")))
+        v.aboutToShow.connect(self._update_actions)
+        m.aboutToShow.connect(self._update_actions)
+        self._update_actions()
         view = self.menuBar().addMenu("&View")
         for label, mode in (("Follow the desktop", "auto"), ("Light", "light"), ("Dark", "dark")):
             act = QAction(label, self)
@@ -172,6 +177,14 @@ class MainWindow(QMainWindow):
     def current_view(self) -> VolumeView | None:
         w = self.stack.currentWidget()
         return None if w is self.welcome or w is None else w  # type: ignore[return-value]
+
+    def _update_actions(self) -> None:
+        """Menu items that act on a protection are greyed out while none is selected (or open)."""
+        v = self.current_view()
+        for a in self.volume_actions:
+            a.setEnabled(v is not None)
+        for a in self.open_actions:
+            a.setEnabled(v is not None and v.snap is not None)
 
     def _current_call(self, name: str) -> None:
         v = self.current_view()
@@ -242,11 +255,14 @@ class MainWindow(QMainWindow):
                 row = self.views.index(view) + 1
                 self.volume_list.item(row).setText(f"{view.title}\n{view.state}")
                 self._update_tray()
+                self._update_actions()
 
         view.stateChanged.connect(refresh_item)
         view.titleChanged.connect(refresh_item)
         view.statusChanged.connect(lambda snap, v=view: self._show_status(snap) if v is self.current_view() else None)
         view.notify.connect(self.notify)
+        view.openFailed.connect(lambda: QTimer.singleShot(0, self, lambda: self.close_view(view, ask=False)
+                                                          if view in self.views else None))
         self.volume_list.setCurrentRow(self.volume_list.count() - 1)
         return view
 
@@ -258,12 +274,17 @@ class MainWindow(QMainWindow):
         return self._add_view(Path(store_dir).name, start=lambda w: w.open(store_dir))
 
     def open_protection(self) -> None:
-        d = files.existing_dir(self, "Open a protection (its history folder)", str(Path.home()))
-        if d:
-            self.open_store(d)
+        from .dialogs.protect import OpenDialog
 
-    def protect_image(self) -> None:
+        dlg = OpenDialog(self)
+        if dlg.exec() == OpenDialog.DialogCode.Accepted and dlg.folder():
+            self.open_store(dlg.folder())
+        dlg.deleteLater()
+
+    def protect_image(self, image: str | bool = "") -> None:
         dlg = ProtectDialog(self)
+        if isinstance(image, str) and image:  # `rewind disk.img` from a file manager
+            dlg.image.setText(image)
         try:
             if dlg.exec() != ProtectDialog.DialogCode.Accepted:
                 return
@@ -296,10 +317,12 @@ class MainWindow(QMainWindow):
         if row <= 0:
             self.stack.setCurrentWidget(self.welcome)
             self._show_status(None)
+            self._update_actions()
             return
         view = self.views[row - 1]
         self.stack.setCurrentWidget(view)
         self._show_status(view.snap)
+        self._update_actions()
 
     def _list_menu(self, pos: Any) -> None:
         row = self.volume_list.indexAt(pos).row()
@@ -492,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     for a in args:
         if a == "--demo":
             window.open_demo()
+        elif not a.startswith("-") and not Path(a).is_dir():  # a disk image: offer to protect it
+            QTimer.singleShot(0, window, lambda a=a: window.protect_image(a))
         elif not a.startswith("-"):
             window.open_store(a)
     if os.environ.get("REWIND_STARTUP_TIMING"):

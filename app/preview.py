@@ -132,6 +132,7 @@ class Preview:
     elapsed_ms: float = 0.0
     truncated: bool = False
     error: str = ""
+    now_fs: bool = True  # False: no filesystem is recognised now (wiped or replaced since the point)
 
     def counts(self) -> dict[str, int]:
         out = {"added": 0, "changed": 0, "deleted": 0}
@@ -356,9 +357,16 @@ class PreviewBuilder:
         if tree is not None:
             p.fs_type = tree.fs_type
             p.truncated = tree.truncated
-            p.entries = compare(tree, self.now_tree(head) if seq != head else None)
+            now = self.now_tree(head) if seq != head else None
+            p.entries = compare(tree, now)
             if seq == head:
                 p.entries = sorted(tree.entries.values(), key=lambda e: e.path)
+            elif now is None:
+                # the filesystem is gone now (wiped, reformatted as something unknown): every
+                # file of the point is deleted since, not "unchanged"
+                p.now_fs = False
+                for e in p.entries:
+                    e.status = "deleted"
         else:
             p.changed_blocks = list(store.changed_blocks(seq, head)) if seq != head else []
             first = p.changed_blocks[0] * p.block_size if p.changed_blocks else 0

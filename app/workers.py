@@ -233,6 +233,24 @@ class VolumeWorker(QObject):
         self.opened_snapshot = snap
         self.opened.emit(snap)
 
+    def take_over(self) -> None:
+        """Open the store directly once the `rewind serve` this console was attached to stopped
+        (if one still holds it, this attaches to that one again, or says who holds it)."""
+        def run() -> None:
+            old = self.link
+            assert old is not None
+            with contextlib.suppress(Exception):
+                old.remove_listener(self._listener)
+            with contextlib.suppress(Exception):
+                old.close()
+            link = Link.open(old.dir)
+            self.link = link
+            self.builder = PreviewBuilder(link)
+            link.add_listener(self._listener)
+            self._stats_last_t = None  # the statistics are read afresh from the store itself
+            self.snapshot.emit(self._snapshot())
+        self._post("take-over", run)
+
     # -- demo workload --------------------------------------------------------------------------
     def start_demo(self, interval: float = 0.15, seed: int | None = None) -> None:
         """(Re)start the demo workload on the demo volume (worker thread or GUI thread)."""
@@ -295,7 +313,8 @@ class VolumeWorker(QObject):
         max_size = retention.get("max_size")
         demo: dict[str, Any] = {}
         if self.demo is not None:
-            demo = {"running": self.demo.is_alive(), "ops": self.demo.ops, "files": len(self.demo.files)}
+            demo = {"running": self.demo.is_alive(), "ops": self.demo.ops, "files": len(self.demo.files),
+                    "paced": self.demo.is_alive() and self.demo.paced, "busy_s": self.demo.busy_s}
         return Snapshot(
             head=head, horizon=horizon, head_time=link.point_time(head), horizon_time=link.point_time(horizon),
             marks=link.marks(), chart=chart, total_writes=self.series.total_writes, journal_bytes=journal,

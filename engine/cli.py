@@ -769,7 +769,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- entry point
 
 
-def _console() -> int:
+def _console_paths(args: Sequence[str]) -> list[str] | None:
+    """`rewind PATH...` as a file manager runs it (the .desktop entry's Exec=rewind %F): the
+    paths to open in the console, or None when these are not paths (a command, an option, a
+    bare word for argparse to judge). A path that cannot be opened is a UsageError."""
+    if not args or args[0].startswith("-"):
+        return None
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    first = args[0]
+    if first in sub.choices or ("/" not in first and not os.path.exists(first)):
+        return None  # a command name wins over a folder called like it
+    for a in args:
+        p = Path(a).expanduser()
+        if not p.exists():
+            raise UsageError(f"{a} does not exist: give a protection's history folder or a disk image")
+        if p.is_dir() and not (p / "store.json").is_file():
+            raise UsageError(f"{a} is a folder without a Rewind history (no store.json): give the history "
+                             "folder made by 'rewind protect', or a disk image")
+        if not p.is_dir() and not (p.is_file() or p.is_block_device()):
+            raise UsageError(f"{a} is neither a history folder nor a disk image")
+    return [str(Path(a).expanduser().absolute()) for a in args]
+
+
+def _console(paths: Sequence[str] = ()) -> int:
     if sys.platform.startswith("linux") and not any(
         os.environ.get(v) for v in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")
     ):
@@ -783,7 +805,7 @@ def _console() -> int:
         _err(f"the console needs the GUI extras ({e}); install them with: pip install 'rewind[gui]' "
              "(or use a subcommand, see 'rewind --help')")
         return 2
-    rc = app_main()
+    rc = app_main(list(paths))
     return rc if isinstance(rc, int) else 0
 
 
@@ -795,6 +817,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args_list:
             return _console()
+        paths = _console_paths(args_list)
+        if paths is not None:
+            return _console(paths)
         parser = build_parser()
         args = parse_args(parser, args_list)
         if not getattr(args, "func", None):

@@ -526,3 +526,36 @@ def test_mark_with_freeze(tmp_path: Path) -> None:
         if p is not None:
             rc, _, err = stop_serve(p)
             assert rc == 0, err
+
+
+# ---------------------------------------------------------------- paths from a file manager (Exec=rewind %F)
+
+
+def test_desktop_entry_paths_are_accepted_or_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The .desktop entry runs `rewind %F`: a path must not be 'invalid choice'. A bad path is
+    exit 2 with one line; a command name still wins over a folder named like it."""
+    desktop = (Path(__file__).resolve().parents[1] / "resources" / "rewind.desktop").read_text()
+    assert "Exec=rewind %F" in desktop
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "log").mkdir()  # a folder called like a command
+    plain = tmp_path / "photos"
+    plain.mkdir()
+    for bad, said in ((tmp_path / "missing", "does not exist"), (plain, "without a Rewind history")):
+        assert main([str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "invalid choice" not in err and err.count("\n") == 1, err
+    assert main(["log"]) == 2  # `rewind log` is still the log command (it wants its DIR)
+    assert "DIR" in capsys.readouterr().err
+    assert main(["nosuchcommand"]) == 2  # a bare word is still judged as a command
+    assert "invalid choice" in capsys.readouterr().err
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)
+    from rewind.engine.store import Store
+
+    Store.create(tmp_path / "disk.img", tmp_path / "store", size=1 << 20).close()
+    # a real history folder goes to the console (here: no display, so it says so, in one line)
+    assert main([str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert "no display to open the console on" in err and err.count("\n") == 1, err

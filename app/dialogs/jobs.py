@@ -39,6 +39,7 @@ class JobDialog(QDialog):
         self.bar.setRange(0, 1000)
         self.detail = QLabel("Starting...")
         self.detail.setObjectName("muted")
+        self.detail.setWordWrap(True)  # a result line (a fade's) can be longer than the dialog is wide
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.clicked.connect(self._cancel)
         self.close_button = QPushButton("Close")

@@ -12,6 +12,7 @@ from platformdirs import user_data_dir
 from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -99,6 +100,8 @@ class ProtectDialog(QDialog):
         row2.addWidget(self.store, 1)
         row2.addWidget(browse_store)
         form.addRow("Disk image or device:", row1)
+        self.image_problem = _problem_label()  # what is wrong with the image, said while typing
+        form.addRow("", self.image_problem)
         form.addRow("History folder:", row2)
         form.addRow("New image size:", self.size_box)
         note = QLabel("Protection starts at once, without copying the image: from now on every write "
@@ -121,6 +124,9 @@ class ProtectDialog(QDialog):
         self.image.textChanged.connect(self._suggest_store)
         self._auto_store = True
         self.store.textEdited.connect(lambda _t: setattr(self, "_auto_store", False))
+        self._protect_button = buttons.button(QDialogButtonBox.StandardButton.Ok)
+        self.image.textChanged.connect(self._check_image)
+        self.size_box.valueChanged.connect(self._check_image)
 
     def _pick_image(self) -> None:
         path = files.save_path(self, "Disk image to protect (new or existing)", str(Path.home()),
@@ -153,3 +159,115 @@ class ProtectDialog(QDialog):
     def values(self) -> tuple[str, str, int | None]:
         size = self.size_box.value()
         return self.image.text().strip(), self.store.text().strip(), (size << 20) if size else None
+
+    def _check_image(self, _v: object = None) -> None:
+        """Say what is wrong with the image next to it, in the dialog's own words (the engine's
+        would be command-line words: "give --size"), and hold Protect back until it is fixed."""
+        text = self.image.text().strip()
+        problem = image_problem(text, self.size_box.value() << 20) if text else ""
+        self.image_problem.setText(problem)
+        self.image_problem.setVisible(bool(problem))
+        self._protect_button.setEnabled(not problem)
+
+
+def _problem_label() -> QLabel:
+    from ..theme import colors
+
+    label = QLabel("")
+    label.setWordWrap(True)
+    label.setObjectName("problem")
+    label.setStyleSheet(f"color: {colors().deleted};")
+    label.hide()
+    return label
+
+
+def image_problem(image: str, size: int) -> str:
+    """'' when `image` can be protected (with `size` bytes for a new one, 0: it exists), else
+    one plain sentence saying what to change in the dialog."""
+    p = Path(image).expanduser()
+    if p.is_dir():
+        return "This is a folder: pick a disk image file (or a device)."
+    if not p.exists():
+        if not p.parent.is_dir():
+            return f"The folder {p.parent} does not exist: pick an image in a folder that does."
+        if not size:
+            return "There is no image here yet. To make a new, empty one, set its size in “New image size”."
+        return ""
+    if p.is_block_device() or not p.is_file():
+        return "" if not size else "This is a device: set “New image size” back to “image exists”."
+    have = p.stat().st_size
+    if size and size != have:
+        return (f"This image exists already ({have >> 20} MiB): set “New image size” back to "
+                "“image exists” to protect it as it is.")
+    if have == 0:
+        return "This image is empty (0 bytes): pick one with data, or delete it and set a size to make a new one."
+    if have % 4096:
+        return f"This image is {have:,} bytes, not a whole number of 4 KiB blocks: Rewind cannot protect it."
+    return ""
+
+
+def history_problem(folder: str) -> str:
+    """'' when `folder` holds a protection's history, else one plain sentence on what to pick."""
+    d = Path(folder).expanduser()
+    if not folder.strip() or not d.is_dir():
+        return f"There is no folder {d}: pick the history folder of a protection."
+    if (d / "store.json").is_file():
+        return ""
+    for up in d.parents:
+        if (up / "store.json").is_file():
+            return f"This is inside the history folder {up}: pick “{up.name}” itself."
+    try:
+        inside = sorted(c.name for c in d.iterdir() if (c / "store.json").is_file())
+    except OSError:
+        inside = []
+    if inside:
+        names = ", ".join(f"“{n}”" for n in inside[:3]) + (" ..." if len(inside) > 3 else "")
+        return f"This folder holds histories ({names}): pick one of them."
+    return ("This folder holds no Rewind history. Pick the folder chosen as “History folder” when the "
+            "image was protected, or protect an image first.")
+
+
+class OpenDialog(QFileDialog):
+    """Pick a protection's history folder; a folder that holds none is said so here, next to the
+    choice, and the dialog stays open (it used to close and leave a "Failed to open" entry)."""
+
+    def __init__(self, parent: QWidget | None = None, start: str = "") -> None:
+        super().__init__(parent, "Open a protection (its history folder)", start or str(Path.home()))
+        self.setObjectName("openProtection")
+        self.setOption(QFileDialog.Option.DontUseNativeDialog)  # the message goes inside it
+        self.setFileMode(QFileDialog.FileMode.Directory)
+        self.setOption(QFileDialog.Option.ShowDirsOnly)
+        self.problem = _problem_label()
+        from PySide6.QtWidgets import QGridLayout
+
+        lay = self.layout()
+        if isinstance(lay, QGridLayout):
+            lay.addWidget(self.problem, lay.rowCount(), 0, 1, lay.columnCount())
+
+        self._folder = ""
+
+    def _chosen(self) -> str:
+        """The folder typed or picked: a full path typed wins; else the newest selection (a folder
+        refused before stays selected and selectedFiles() lists it first)."""
+        from PySide6.QtWidgets import QLineEdit
+
+        line = self.findChild(QLineEdit, "fileNameEdit")
+        text = line.text().strip() if line is not None else ""
+        if text.startswith(("/", "~")) and '"' not in text:
+            return str(Path(text).expanduser())
+        chosen = self.selectedFiles()
+        return chosen[-1] if chosen else self.directory().absolutePath()
+
+    def accept(self) -> None:
+        folder = self._chosen()
+        problem = history_problem(folder)
+        if problem:
+            self.problem.setText(problem)
+            self.problem.show()
+            return
+        self.problem.hide()
+        self._folder = folder
+        QDialog.accept(self)  # QFileDialog's own accept would act on its first selection, not this one
+
+    def folder(self) -> str:
+        return self._folder

@@ -228,10 +228,14 @@ class PreviewPane(QWidget):
             return
         self.modes.setCurrentIndex(0)
         n = p.counts()
-        at = "now" if p.seq >= p.head else f"record {p.seq:,} ({human_time(p.time_ns)})"
+        # the time written as the heading above writes it (the same moment reads the same)
+        at = "now" if p.seq >= p.head else f"record {p.seq:,} ({human_time(p.time_ns, with_date=True)})"
         files = sum(1 for e in p.entries if not e.is_dir and e.status != "added")
         if p.seq >= p.head:
             summary = f"{p.fs_type}: {files} files now."
+        elif not p.now_fs:
+            summary = (f"{p.fs_type} at {at}: {files} files.  Since then the filesystem was wiped or replaced: "
+                       f"none is recognised now, so all {files} files are gone (Save as... restores one).")
         else:
             summary = (f"{p.fs_type} at {at}: {files} files.  Since then: {n['added']} added, "
                        f"{n['changed']} changed, {n['deleted']} deleted.")
@@ -309,6 +313,8 @@ class PreviewPane(QWidget):
             self._request_selected()
         elif keep:
             self._selected = ""
+            self.file_label.setText("")  # the header of a file no longer shown would go stale
+            self.save_button.setEnabled(False)
             self._clear_content("That file does not exist at this point.")
 
     def _show_blocks(self, p: Preview) -> None:
@@ -319,7 +325,7 @@ class PreviewPane(QWidget):
             self.header.setText("No filesystem recognised: the volume is shown as blocks.")
         else:
             self.header.setText(
-                f"No filesystem recognised at record {p.seq:,} ({human_time(p.time_ns)}). "
+                f"No filesystem recognised at record {p.seq:,} ({human_time(p.time_ns, with_date=True)}). "
                 f"{len(p.changed_blocks):,} blocks ({human_bytes(len(p.changed_blocks) * p.block_size)}) "
                 "changed since then (highlighted).")
         first = p.changed_blocks[0] * p.block_size if p.changed_blocks else 0
@@ -361,6 +367,7 @@ class PreviewPane(QWidget):
             return
         if e.is_dir:
             self.save_button.setEnabled(False)
+            self.file_label.setText(f"{e.path}/  a folder")
             self._clear_content(f"{e.path}: a folder.")
             return
         self.save_button.setEnabled(True)

@@ -53,6 +53,7 @@ class Timeline(QWidget):
         self._density_src: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
         self._bucket_s = 1.0
         self._dragging = False
+        self._drag_x = -1.0  # where the last drag move was (a release there keeps the point)
         self.bands: list[Any] = []  # link.Band: lo_ns, hi_ns, step_ns, label
         self.new_horizon_ns: int | None = None
         self.interactive = True  # False: a picture (the retention page), no handle, no input
@@ -277,9 +278,13 @@ class Timeline(QWidget):
     def mouseReleaseEvent(self, event: QMouseEvent) -> None:
         if self._dragging:
             self._dragging = False
-            self._drag_to(event.position().x())
+            # let go where the last move was: the point stays. Asking again would map the same x
+            # to a later time (now moved on meanwhile) and the record would move by itself
+            if abs(event.position().x() - self._drag_x) >= 0.5:
+                self._drag_to(event.position().x())
 
     def _drag_to(self, x: float) -> None:
+        self._drag_x = x
         tr = self._track()
         if x >= tr.right() - 1:
             self.at_now = True

@@ -49,6 +49,7 @@ class InfoBar(QFrame):
         super().__init__(parent)
         self.setObjectName("infoBar")
         self.label = QLabel("")
+        self.label.setWordWrap(True)  # long results (a fade's) wrap instead of being cut off
         self.button = QPushButton("")
         self.close_button = QToolButton()
         self.close_button.setText("✕")
@@ -82,6 +83,7 @@ class VolumeView(QWidget):
     statusChanged = Signal(object)  # Snapshot (for the window's status bar)
     notify = Signal(str, str, str)  # title, message, level ("info" | "warning" | "critical")
     titleChanged = Signal(str)
+    openFailed = Signal()  # the store could not be opened and the user has read why: drop the entry
 
     def __init__(self, worker: VolumeWorker, title: str, demo: bool = False,
                  parent: QWidget | None = None) -> None:
@@ -313,6 +315,8 @@ class VolumeView(QWidget):
         self._refresh_pending = False
         self._refresh_failing = False
         first = self.snap is None
+        if self.snap is not None and self.snap.remote and not snap.remote:
+            QTimer.singleShot(0, self, lambda: self._set_enabled(True))  # taken over: Rewind and Serve again
         self.snap = snap
         self.charts.update_chart(snap.chart, snap.horizon_time / 1e9, snap.head_time / 1e9, snap.journal_xy)
         self.charts.set_marks(snap.marks)
@@ -330,6 +334,7 @@ class VolumeView(QWidget):
         if self.demo:
             running = bool(snap.demo.get("running"))
             self.demo_button.setText("Pause demo" if running else "Resume demo")
+            self.subtitle.setText(self.subtitle.text() + "\n" + demo_note(snap))
         self._set_state(self._state_text())
         self._check_space(snap)
         self._show_retention(snap)
@@ -340,6 +345,8 @@ class VolumeView(QWidget):
             self._want(("now", 0))
         if self.preview is not None and not self.timeline.at_now:
             self._update_point_label(self.preview.seq, self.preview.time_ns)
+        elif self.preview is not None:
+            self._update_point_label(snap.head, snap.head_time, at_now=True)  # keep up with the status bar
 
     # -- retention ------------------------------------------------------------------------------------
     def _on_tab(self, index: int) -> None:
@@ -486,7 +493,7 @@ class VolumeView(QWidget):
         if snap.served:
             return f"Served ({snap.connections} client{'s' if snap.connections != 1 else ''})"
         if self.demo and snap.demo.get("running"):
-            return "Protecting · demo running"
+            return "Protecting · demo paced" if snap.demo.get("paced") else "Protecting · demo running"
         return "Protecting"
 
     def _on_failed(self, what: str, e: BaseException) -> None:
@@ -499,8 +506,14 @@ class VolumeView(QWidget):
                 return  # said once already; the state in the list keeps saying it
             self._refresh_failing = True
             if self.snap is not None and self.snap.remote:
-                self.notify.emit("Protection stopped?", f"{self.title}: lost touch with `rewind serve`: {e}",
-                                 "critical")
+                # the socket's error says "in use by another process" even when nothing holds the
+                # store any more: say what is known, and offer to open it here
+                self.notify.emit("Protection stopped?", f"{self.title}: `rewind serve` no longer answers (it "
+                                 "stopped, or is stuck): writes through it are no longer kept.", "critical")
+                self.info_bar.show_message(
+                    f"`rewind serve` no longer answers for {self.title}. If it has stopped, take the "
+                    "volume over: the console opens its history itself (then Serve it to keep protecting).",
+                    "Take over", self.take_over)
                 self._set_state("Lost touch with serve")
                 return
         if what in ("open", "create") or (what == "demo" and self.snap is None):
@@ -509,7 +522,7 @@ class VolumeView(QWidget):
             self._set_state("Failed to open")
             self.subtitle.setText("Could not open this protection.")
             self.message.setText(f"Could not open this protection.\n\n{e}\n\n"
-                                 "Close it from the list (right click, or File > Close) once you have read why.")
+                                 "It leaves the list when you close the message that says why.")
             self.pages.setCurrentIndex(0)
             self.refresh_timer.stop()
         if what == "demo" and self.snap is not None:
@@ -523,9 +536,14 @@ class VolumeView(QWidget):
         titles = {"open": "Cannot open the protection", "create": "Cannot protect this image",
                   "demo": "The demo stopped", "serve": "Cannot serve the volume", "mark": "Cannot add the mark",
                   "save-file": "Cannot save the file", "read-file": "Cannot read the file",
-                  "rewind-check": "Cannot prepare the rewind",
+                  "rewind-check": "Cannot prepare the rewind", "take-over": "Cannot take the volume over",
                   "fade-preview": "Cannot work out what a fade would remove"}
-        show_error(self, titles.get(what, "Something went wrong"), e, doing=what)
+        from rewind.engine.errors import BadInput
+
+        todo = "Pick another name for the mark." if what == "mark" and isinstance(e, BadInput) else ""
+        box = show_error(self, titles.get(what, "Something went wrong"), e, doing=what, todo=todo)
+        if what in ("open", "create", "demo") and self.snap is None:
+            box.finished.connect(lambda _r: self.openFailed.emit())  # no dead "Failed to open" entries
         if what in ("serve", "stop-serve", "demo"):
             self.notify.emit(titles.get(what, "Rewind"), str(e), "critical")
 
@@ -581,6 +599,8 @@ class VolumeView(QWidget):
             self.notify.emit("Damaged history", f"{self.title}: {e}", "critical")
 
     def _update_point_label(self, seq: int | None, t_ns: int, at_now: bool = False) -> None:
+        if at_now and seq is not None and self.snap is not None:
+            seq = max(seq, self.snap.head)  # the newest record known, as in the status bar
         if at_now:
             self.point_label.setText(f"Now · record {seq:,}" if seq is not None else "Now")
             return
@@ -627,11 +647,31 @@ class VolumeView(QWidget):
     # -- actions ---------------------------------------------------------------------------------
     def mark_now(self, name: str | None = None) -> None:
         if name is None:
-            default = _dt.datetime.now().strftime("mark %H.%M.%S")
-            name, ok = QInputDialog.getText(self, "Mark now", "Name for this moment:", text=default)
-            if not ok or not name.strip():
+            name = self._ask_mark_name()
+            if not name:
                 return
         self.worker.mark(name.strip())
+
+    def _ask_mark_name(self) -> str:
+        """Ask for a name until it is new: a taken name is asked again, saying so (the engine
+        refuses it, and its refusal used to close the dialog with advice about picking files)."""
+        taken = {m.name for m in self.snap.marks} if self.snap is not None else set()
+        text = _dt.datetime.now().strftime("mark %H.%M.%S")
+        label = "Name for this moment:"
+        while True:
+            dlg = QInputDialog(self)
+            dlg.setObjectName("markNameDialog")
+            dlg.setWindowTitle("Mark now")
+            dlg.setLabelText(label)
+            dlg.setTextValue(text)
+            ok = dlg.exec() == QInputDialog.DialogCode.Accepted
+            text = dlg.textValue().strip()
+            dlg.deleteLater()
+            if not ok or not text:
+                return ""
+            if text not in taken:
+                return text
+            label = f"A mark named “{text}” exists already: pick another name for this moment:"
 
     def export_point(self, out: str | None = None) -> None:
         seq = self.point_seq()
@@ -866,5 +906,23 @@ class VolumeView(QWidget):
         if kind in ("mark", "rewind", "fade"):
             self.worker.refresh()
 
+    def take_over(self) -> None:
+        """The `rewind serve` this view was attached to stopped: open the store here instead."""
+        self.info_bar.hide()
+        self.worker.take_over()
+
     def show_message(self, text: str) -> None:
         show_info(self, "Rewind", text)
+
+
+def demo_note(snap: Snapshot) -> str:
+    """The demo's status in words: why its history outgrows its disk, and that it slows down on
+    purpose (a demo at ~0.2 MB/s with no word looks stalled)."""
+    why = (f"Every write is kept, so the history grows past the {human_bytes(snap.size)} disk's size: "
+           "the same files are rewritten again and again, and each version stays.")
+    if not snap.demo.get("running"):
+        return f"Demo paused. {why}"
+    if snap.demo.get("paced"):
+        return f"Demo: paced to keep history small (a change every few seconds). {why}"
+    minutes = float(snap.demo.get("busy_s", 120)) / 60
+    return f"Demo: busy for its first {minutes:g} minutes, then paced to keep history small. {why}"

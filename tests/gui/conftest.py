@@ -235,6 +235,18 @@ def when_modal(app: Any, act: Callable[[Any], None], kind: Any = None, timeout: 
     QTimer.singleShot(20, poll)
 
 
+def choose_folder(dlg: Any, folder: Any) -> None:
+    """Answer the console's folder picker (a QFileDialog of its own) as a person pasting a path."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+    from PySide6.QtWidgets import QDialogButtonBox, QLineEdit
+
+    dlg.findChild(QLineEdit, "fileNameEdit").setText(str(folder))  # typing opens the completer's popup
+    box = dlg.findChild(QDialogButtonBox)
+    btn = next(b for b in box.buttons() if box.buttonRole(b) == QDialogButtonBox.ButtonRole.AcceptRole)
+    QTest.mouseClick(btn, Qt.MouseButton.LeftButton)
+
+
 def type_and_accept(text: str) -> Callable[[Any], None]:
     """For when_modal: type `text` into an input dialog's line edit and press its OK button."""
     from PySide6.QtCore import Qt

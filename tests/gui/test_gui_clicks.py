@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import shot, type_and_accept, wait_until, when_modal
+from conftest import choose_folder, shot, type_and_accept, wait_until, when_modal
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QInputDialog, QMessageBox
 
@@ -145,7 +145,9 @@ def test_every_menu_action(window: Any, app: Any, tmp_path: Path, qtbot: Any, fi
         acts[name].trigger()
         done.add(name)
 
-    files.append(str(store))
+    from rewind.app.dialogs.protect import OpenDialog
+
+    when_modal(app, lambda d: choose_folder(d, store), OpenDialog)
     trigger("File/Open a protection...")
     view = wait_until(app, lambda: window.current_view() if window.current_view() and
                       window.current_view().preview is not None else None, 30, "the protection to open")
